@@ -1,0 +1,67 @@
+"""Data loaders for `--dataloader-type external`: megatron's random sampler (data-parallel sharding,
+resume from `consumed_samples`, a reshuffle every epoch) feeding our collate, cycled over epochs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from megatron.training.datasets.data_samplers import MegatronPretrainingRandomSampler
+from torch.utils.data import DataLoader, Dataset
+
+from .collate import CollateConfig, pack_or_pad_batch
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """What a dataset provider returns: the three splits and the label ids never trained."""
+
+    train: Dataset
+    valid: Dataset
+    test: Dataset
+    pad_token_id: int
+    ignored_label_ids: frozenset[int]
+
+
+def cycle_epochs(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """Iterate `loader` forever; its sampler starts each pass where the previous one ended."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def build_loader(
+    dataset: Dataset,
+    collate: CollateConfig,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int,
+) -> Iterator[dict[str, Any]]:
+    """An endless iterator of collated micro-batches for this data-parallel rank."""
+    if len(dataset) < micro_batch_size * data_parallel_size:
+        raise ValueError(
+            f"dataset has {len(dataset)} samples, fewer than one global step of micro-batch "
+            f"{micro_batch_size} x data-parallel {data_parallel_size}"
+        )
+    sampler = MegatronPretrainingRandomSampler(
+        dataset,
+        total_samples=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=micro_batch_size,
+        data_parallel_rank=data_parallel_rank,
+        data_parallel_size=data_parallel_size,
+        data_sharding=True,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(pack_or_pad_batch, config=collate),
+        num_workers=num_workers,
+        pin_memory=True,
+        persistent_workers=num_workers > 0,
+    )
+    return cycle_epochs(loader)

@@ -1,0 +1,198 @@
+"""Seeded synthetic multimodal conversations shaped like real SFT data.
+
+Each sample is a user turn with 1-3 images of different sizes and a prompt, and an assistant turn
+that names each image's colour and repeats the prompt backwards (a learnable task, so the loss
+falls). Images go through the real Qwen image processor class, built locally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from models.qwen35_vl.configuration import Qwen35VLConfig
+
+from .loader import DatasetSplits
+
+# Solid colours the assistant must name; one answer token per colour.
+PALETTE = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [128, 128, 128],
+    ],
+    dtype=np.int16,
+)
+
+
+@dataclass(frozen=True)
+class MockTokens:
+    """Token ids the mock conversations use (Qwen3.5 tokenizer ids by default)."""
+
+    image: int
+    vision_start: int
+    vision_end: int
+    im_start: int = 248045
+    im_end: int = 248046
+    pad: int = 248044
+    # Ordinary tokens: prompt words are drawn from [text_low, text_low + text_range).
+    text_low: int = 1000
+    text_range: int = 4096
+    colour_base: int = 500
+
+    @classmethod
+    def for_model(cls, config: Qwen35VLConfig) -> MockTokens:
+        tokens = cls(
+            image=config.image_token_id,
+            vision_start=config.vision_start_token_id,
+            vision_end=config.vision_end_token_id,
+        )
+        largest = max(tokens.special_ids() | {tokens.text_low + tokens.text_range})
+        if largest >= config.text.vocab_size:
+            raise ValueError(
+                f"mock data needs token id {largest} but the model vocabulary has "
+                f"{config.text.vocab_size} entries"
+            )
+        return tokens
+
+    def special_ids(self) -> set[int]:
+        return {
+            self.image,
+            self.vision_start,
+            self.vision_end,
+            self.im_start,
+            self.im_end,
+            self.pad,
+        }
+
+
+def qwen_image_processor(min_pixels: int, max_pixels: int, config: Qwen35VLConfig):
+    """The Qwen2-VL image processor (Qwen3.5 uses it) with the model's patch geometry."""
+    vision = config.vision
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+
+
+class MockVLMDataset(Dataset):
+    """`num_samples` deterministic samples; sample i depends only on (seed, i)."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        seq_length: int,
+        config: Qwen35VLConfig,
+        seed: int,
+        min_pixels: int,
+        max_pixels: int,
+        max_images: int = 3,
+    ) -> None:
+        self.num_samples = num_samples
+        self.seq_length = seq_length
+        self.seed = seed
+        self.max_images = max_images
+        self.tokens = MockTokens.for_model(config)
+        self.processor = qwen_image_processor(min_pixels, max_pixels, config)
+        self.unit = config.vision.patch_size * config.vision.spatial_merge_size
+        self.min_cells = -(-min_pixels // self.unit**2)
+        self.max_cells = max_pixels // self.unit**2
+        overhead = 12  # role markers and line breaks around the two turns
+        if seq_length < overhead + 2 * (self.min_cells + 2) + 8:
+            raise ValueError(
+                f"--total-seq-length {seq_length} is too short for mock samples with one image of "
+                f"at least {min_pixels} pixels; use a longer sequence or a smaller --min-pixels"
+            )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _image_shape(self, rng: np.random.Generator, budget_cells: int) -> tuple[int, int]:
+        """Height and width (multiples of patch x merge) with an aspect ratio within 1:4..4:1 and
+        between min_cells and budget_cells merged tokens."""
+        cells = int(rng.integers(self.min_cells, max(self.min_cells, budget_cells) + 1))
+        aspect = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+        rows = max(1, round((cells * aspect) ** 0.5))
+        cols = max(1, cells // rows)
+        while rows * cols < self.min_cells:
+            cols += 1
+        return rows * self.unit, cols * self.unit
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"mock sample {index} out of range [0, {self.num_samples})")
+        rng = np.random.default_rng([self.seed, index])
+        t = self.tokens
+        num_images = int(rng.integers(1, self.max_images + 1))
+        # Half of the sequence is for images, the rest for prompt and answer.
+        budget = min(self.max_cells, (self.seq_length // 2) // num_images - 2)
+        if budget < self.min_cells:
+            num_images = 1
+            budget = min(self.max_cells, self.seq_length // 2 - 2)
+        colours = rng.integers(0, len(PALETTE), size=num_images)
+        images = []
+        for colour in colours:
+            height, width = self._image_shape(rng, budget)
+            noise = rng.integers(-20, 21, size=(height, width, 3))
+            pixels = np.clip(PALETTE[colour] + noise, 0, 255).astype(np.uint8)
+            images.append(Image.fromarray(pixels))
+        processed = self.processor(images=images, return_tensors="pt")
+        grid = processed["image_grid_thw"]
+        image_tokens = (grid.prod(-1) // self.processor.merge_size**2).tolist()
+
+        prefix = [t.im_start, t.text_low, t.text_low + 1]
+        for count in image_tokens:
+            prefix += [t.vision_start] + [t.image] * count + [t.vision_end]
+        room = self.seq_length - len(prefix) - num_images - 8
+        prompt_length = int(rng.integers(min(4, room // 2), max(4, room // 2) + 1))
+        prompt = (t.text_low + rng.integers(0, t.text_range, size=prompt_length)).tolist()
+        prefix += [*prompt, t.im_end, t.text_low + 1, t.im_start, t.text_low + 2, t.text_low + 1]
+        answer = [t.colour_base + int(c) for c in colours] + prompt[::-1] + [t.im_end]
+        ids = torch.tensor(prefix + answer, dtype=torch.long)
+        supervised = torch.zeros(ids.numel(), dtype=torch.bool)
+        supervised[len(prefix) :] = True
+        return {
+            "input_ids": ids,
+            "supervised": supervised,
+            "pixel_values": processed["pixel_values"].to(torch.bfloat16),
+            "image_grid_thw": grid,
+        }
+
+
+def build_datasets(
+    args: Any, config: Qwen35VLConfig, num_samples: tuple[int, int, int]
+) -> DatasetSplits:
+    """Dataset provider `mock`: train / valid / test splits with different seeds."""
+    minimum = args.micro_batch_size * args.data_parallel_size
+    tokens = MockTokens.for_model(config)
+    splits = [
+        MockVLMDataset(
+            num_samples=max(int(count or 0), minimum),
+            seq_length=args.total_seq_length,
+            config=config,
+            seed=args.seed + offset,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+            max_images=args.mock_max_images,
+        )
+        for offset, count in enumerate(num_samples)
+    ]
+    return DatasetSplits(
+        *splits, pad_token_id=tokens.pad, ignored_label_ids=frozenset(tokens.special_ids())
+    )

@@ -1,0 +1,86 @@
+"""Builds Qwen3.5-VL: the language and vision TransformerConfigs (architecture from our config
+dataclass, parallelism / precision / fusions from a base TransformerConfig, e.g. the one megatron
+derives from its arguments) and the model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .configuration import Qwen35VLConfig
+
+
+def language_config(model_config: Qwen35VLConfig, base: TransformerConfig) -> TransformerConfig:
+    """`base` (from Megatron's arguments) with Qwen3.5's language architecture.
+
+    RoPE fusion stays off: TE's fused kernels index rotary angles by position within each
+    sequence, while MRoPE needs each token's own (t, h, w) angles.
+    """
+    return dataclasses.replace(
+        base, **model_config.language_transformer_fields(), apply_rope_fusion=False
+    )
+
+
+def vision_config(
+    model_config: Qwen35VLConfig, base: TransformerConfig, recompute: bool = False
+) -> TransformerConfig:
+    """The vision tower's config: same precision and TP as the language model, no sequence or
+    context parallelism (each rank encodes its micro-batch's images whole), no MoE / MTP."""
+    fields: dict[str, Any] = dict(
+        model_config.vision_transformer_fields(),
+        sequence_parallel=False,
+        context_parallel_size=1,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        num_moe_experts=None,
+        moe_shared_expert_intermediate_size=None,
+        moe_ffn_hidden_size=None,
+        expert_model_parallel_size=1,
+        mtp_num_layers=None,
+        is_hybrid_model=False,
+        tp_comm_overlap=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        mrope_section=None,
+        linear_num_key_heads=None,
+        linear_num_value_heads=None,
+    )
+    return dataclasses.replace(base, **fields)
+
+
+def transformer_configs(
+    model_config: Qwen35VLConfig, base: TransformerConfig, recompute_vision: bool = False
+) -> tuple[TransformerConfig, TransformerConfig]:
+    """(language, vision) TransformerConfigs; constructing them runs megatron's validation."""
+    return language_config(model_config, base), vision_config(model_config, base, recompute_vision)
+
+
+def build_model(
+    model_config: Qwen35VLConfig,
+    base: TransformerConfig,
+    pg_collection: ProcessGroupCollection,
+    pre_process: bool = True,
+    post_process: bool = True,
+    recompute_vision: bool = False,
+    parallel_output: bool = True,
+    vp_stage: int | None = None,
+):
+    """The whole model on this rank (the registry's model factory); needs CUDA and TE."""
+    from .model import Qwen35VLModel
+
+    language, vision = transformer_configs(model_config, base, recompute_vision)
+    return Qwen35VLModel(
+        model_config,
+        language,
+        vision,
+        pg_collection=pg_collection,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,219 @@
+"""Qwen3.5-VL on megatron-core: the vision tower feeding a HybridModel language decoder (Gated
+DeltaNet + gated attention, dense MLP or MoE, optional MTP) that rotates queries and keys with
+interleaved MRoPE. `HybridModel` has no rotary hook, so `Qwen35LanguageModel` overrides forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import process_mtp_loss
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from .configuration import Qwen35VLConfig
+from .mrope import InterleavedMRopeEmbedding
+from .specs import language_stack_spec, vision_layer_spec
+from .vision import Qwen35VisionEncoder, VisionInputs
+
+
+class Qwen35LanguageModel(HybridModel):
+    """HybridModel whose attention layers use interleaved MRoPE angles from 3D position ids."""
+
+    def __init__(
+        self,
+        model_config: Qwen35VLConfig,
+        config: TransformerConfig,
+        pg_collection: ProcessGroupCollection,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        vp_stage: int | None = None,
+    ) -> None:
+        text = model_config.text
+        super().__init__(
+            config=config,
+            hybrid_stack_spec=language_stack_spec(text.num_experts),
+            vocab_size=text.vocab_size,
+            max_sequence_length=text.max_position_embeddings,
+            hybrid_layer_pattern=model_config.hybrid_layer_pattern(),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=text.tie_word_embeddings,
+            position_embedding_type="none",
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.mrope = InterleavedMRopeEmbedding(
+            rotary_dim=text.rotary_dim,
+            rotary_base=text.rope_theta,
+            mrope_section=list(text.mrope_section),
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        decoder_input: Tensor,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Per-token losses [B, S] when `labels` is given, else logits [B, S, V/TP].
+
+        `decoder_input` is the embedded sequence with vision features already scattered in
+        ([S, B, H], sequence-parallel sharded when SP is on). `position_ids` are the MRoPE ids:
+        [3, B, S] CP-local for BSHD; [3, T] for the whole THD pack, because megatron-core's THD
+        RoPE selects each CP rank's rows from full-length angles by `cu_seqlens_q_padded`.
+        """
+        rotary_pos_emb = self.mrope(position_ids)
+        hidden_states = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=None,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )
+        output_weight = None
+        if self.share_embeddings_and_output_weights:
+            output_weight = self.shared_embedding_or_output_weight()
+
+        if self.mtp_process:
+            # MTP embeds the next tokens itself; the text axis stands in for its position ids,
+            # which a model without learned position embeddings ignores.
+            hidden_states = self.mtp(
+                input_ids=input_ids,
+                position_ids=position_ids[0] if position_ids.dim() == 3 else position_ids[:1],
+                hidden_states=hidden_states,
+                attention_mask=None,
+                rotary_pos_emb=rotary_pos_emb,
+                packed_seq_params=packed_seq_params,
+                embedding=self.embedding,
+            )
+        if not self.post_process:
+            return hidden_states
+        if self.mtp_process:
+            hidden_states = process_mtp_loss(
+                hidden_states=hidden_states,
+                labels=labels,
+                loss_mask=loss_mask,
+                output_layer=self.output_layer,
+                output_weight=output_weight,
+                runtime_gather_output=None,
+                is_training=self.training,
+                compute_language_model_loss=self.compute_language_model_loss,
+                config=self.config,
+                cp_group=self.pg_collection.cp,
+                tp_group=self.tp_group,
+                packed_seq_params=packed_seq_params,
+                input_ids=input_ids,
+            )
+        logits, _ = self.output_layer(hidden_states, weight=output_weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+class Qwen35VLModel(MegatronModule):
+    """Vision tower + language decoder. Image features replace the embeddings of image tokens."""
+
+    def __init__(
+        self,
+        model_config: Qwen35VLConfig,
+        language_config: TransformerConfig,
+        vision_config: TransformerConfig,
+        pg_collection: ProcessGroupCollection,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        vp_stage: int | None = None,
+    ) -> None:
+        super().__init__(config=language_config)
+        self.model_config = model_config
+        self.pg_collection = pg_collection
+        self.pre_process = pre_process
+        self.vision = (
+            Qwen35VisionEncoder(
+                vision_config, model_config.vision, vision_layer_spec(), pg_collection
+            )
+            if pre_process
+            else None
+        )
+        self.language_model = Qwen35LanguageModel(
+            model_config,
+            language_config,
+            pg_collection,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            vp_stage=vp_stage,
+        )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(
+        self, input_ids: Tensor, vision_inputs: VisionInputs | None, vision_rows: Tensor | None
+    ) -> Tensor:
+        """Token embeddings [S, B, H] (SP-sharded under sequence parallelism) with the vision
+        features of image tokens scattered in. `vision_rows` [B, S] holds, per token, its row in
+        the micro-batch's vision features (-1 for text); under CP it is already CP-local."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if vision_inputs is None:
+            return embeddings
+        features = self.vision(vision_inputs)
+        expected = int(vision_inputs.grid_thw.prod(-1).sum()) // (
+            self.model_config.vision.spatial_merge_size**2
+        )
+        if features.shape[0] != expected:
+            raise ValueError(
+                f"vision tower returned {features.shape[0]} features for {expected} image tokens"
+            )
+        rows = vision_rows.transpose(0, 1)  # [S, B]
+        tp_group = self.pg_collection.tp
+        if self.config.sequence_parallel and tp_group.size() > 1:
+            # Each TP rank holds a contiguous sequence chunk; its rows take gradients only from
+            # its tokens, so sum the feature gradients over TP in backward.
+            chunk = rows.shape[0] // tp_group.size()
+            rows = rows[tp_group.rank() * chunk : (tp_group.rank() + 1) * chunk]
+            features = tensor_parallel.copy_to_tensor_model_parallel_region(
+                features, group=tp_group
+            )
+        is_image = (rows >= 0).unsqueeze(-1)
+        gathered = features[rows.clamp(min=0)].to(embeddings.dtype)
+        return torch.where(is_image, gathered, embeddings)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        vision_inputs: VisionInputs | None = None,
+        vision_rows: Tensor | None = None,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        decoder_input = (
+            self.embed(input_ids, vision_inputs, vision_rows) if self.pre_process else None
+        )
+        if padding_mask is not None and self.config.sequence_parallel:
+            # MoE layers see SP-sharded tokens; shard their padding mask the same way.
+            padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+                padding_mask.transpose(0, 1).contiguous(), group=self.pg_collection.tp
+            ).transpose(0, 1)
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            decoder_input=decoder_input,
+            labels=labels,
+            loss_mask=loss_mask,
+            packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )

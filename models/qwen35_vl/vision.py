@@ -1,0 +1,146 @@
+"""Qwen3.5-VL vision tower on megatron-core: patch embedding, learned positions resampled to each
+image's grid, 2D rotary positions, pre-norm ViT blocks (TE) with attention restricted to each
+image through THD cu_seqlens, and the 2x2 patch merger with exact GELU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.extensions.transformer_engine import (
+    TEColumnParallelLinear,
+    TENorm,
+    TERowParallelLinear,
+)
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor, nn
+
+from .configuration import VisionConfig
+from .vision_inputs import VisionInputs
+
+
+def vision_process_groups(pg_collection: ProcessGroupCollection) -> ProcessGroupCollection:
+    """The language model's groups with a size-1 context-parallel group: every CP rank encodes
+    all images of its micro-batch whole (images are never split across CP ranks)."""
+    if pg_collection.cp.size() == 1:
+        return pg_collection
+    vision_pgs = copy.copy(pg_collection)
+    vision_pgs.cp = _singleton_group()
+    return vision_pgs
+
+
+_SINGLETON_GROUP = None
+
+
+def _singleton_group():
+    global _SINGLETON_GROUP
+    if _SINGLETON_GROUP is None:
+        _SINGLETON_GROUP, _ = torch.distributed.new_subgroups(group_size=1)
+    return _SINGLETON_GROUP
+
+
+class PatchMerger(MegatronModule):
+    """LayerNorm per patch, concatenate each 2x2 block, then fc1 -> exact GELU -> fc2."""
+
+    def __init__(self, config: TransformerConfig, vision: VisionConfig, tp_group) -> None:
+        super().__init__(config=config)
+        self.merged_size = vision.hidden_size * vision.spatial_merge_size**2
+        self.norm = TENorm(config=config, hidden_size=vision.hidden_size, eps=1e-6)
+        mlp_config = copy.copy(config)
+        mlp_config.hidden_size = vision.out_hidden_size
+        mlp_config.ffn_hidden_size = self.merged_size
+        mlp_config.activation_func = F.gelu  # HF's merger uses nn.GELU(), approximate='none'
+        mlp_config.gated_linear_unit = False
+        mlp_config.bias_activation_fusion = False
+        self.mlp = MLP(
+            config=mlp_config,
+            submodules=MLPSubmodules(
+                linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear
+            ),
+            input_size=self.merged_size,
+            tp_group=tp_group,
+        )
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        merged = self.norm(hidden_states).reshape(-1, self.merged_size)
+        output, bias = self.mlp(merged)
+        return output if bias is None else output + bias
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2D rotary angles: each head's channels rotate by (row, col) frequencies, [N, 1, 1, D]."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        spatial_dim = head_dim // 2
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim)
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, rotary_position_ids: Tensor) -> Tensor:
+        angles = rotary_position_ids[..., None].float() * self.inv_freq  # [N, 2, F]
+        row_col = angles.flatten(1)  # [N, 2F]: row frequencies, then column frequencies
+        return torch.cat((row_col, row_col), dim=-1)[:, None, None, :]
+
+
+class Qwen35VisionEncoder(MegatronModule):
+    """Encodes variable-resolution images into merged tokens of the language hidden size."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vision: VisionConfig,
+        layer_spec: ModuleSpec,
+        pg_collection: ProcessGroupCollection,
+    ) -> None:
+        super().__init__(config=config)
+        self.vision = vision
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        # A Conv3d whose kernel equals its stride is a linear map of each flattened patch.
+        self.patch_embed = nn.Linear(patch_dim, vision.hidden_size, bias=True)
+        self.pos_embed = nn.Embedding(vision.num_position_embeddings, vision.hidden_size)
+        self.rotary = VisionRotaryEmbedding(vision.head_dim)
+        self.pg_collection = vision_process_groups(pg_collection)
+        self.blocks = TransformerBlock(
+            config=config,
+            spec=layer_spec,
+            post_layer_norm=False,
+            pre_process=True,
+            post_process=True,
+            pg_collection=self.pg_collection,
+        )
+        self.merger = PatchMerger(config, vision, tp_group=self.pg_collection.tp)
+
+    def forward(self, inputs: VisionInputs) -> Tensor:
+        """[num_patches, patch_dim] pixels -> [num_patches / merge**2, out_hidden_size]."""
+        weight = self.patch_embed.weight
+        hidden = self.patch_embed(inputs.pixel_values.to(weight.dtype))
+        # The fp32 interpolation weights promote the weighted sum to fp32, as in HF.
+        positions = (self.pos_embed(inputs.interp_indices) * inputs.interp_weights[..., None]).sum(
+            1
+        )
+        hidden = hidden + positions.to(hidden.dtype)
+        rotary = self.rotary(inputs.rotary_position_ids)
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=inputs.cu_seqlens,
+            cu_seqlens_kv=inputs.cu_seqlens,
+            max_seqlen_q=inputs.max_seqlen,
+            max_seqlen_kv=inputs.max_seqlen,
+        )
+        hidden = self.blocks(
+            hidden_states=hidden.unsqueeze(1),
+            attention_mask=None,
+            rotary_pos_emb=rotary,
+            packed_seq_params=packed,
+        )
+        return self.merger(hidden.squeeze(1))

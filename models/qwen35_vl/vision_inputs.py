@@ -1,0 +1,67 @@
+"""Vision inputs of one micro-batch: pixel patches plus the metadata the vision tower needs
+(attention boundaries, rotary and learned-position indices), computed once on the CPU in the data
+path so the training step does no host synchronisation for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+)
+
+from .configuration import VisionConfig
+
+
+@dataclass
+class VisionInputs:
+    """Per-batch vision metadata, computed once on the CPU in the data path.
+
+    `pixel_values`: [num_patches, C * T * P * P]; `grid_thw`: [num_images, 3] patch grids;
+    `cu_seqlens`: per-frame attention boundaries; `rotary_position_ids`: [num_patches, 2] (row,
+    col) in merge-block order; `interp_indices` / `interp_weights`: [num_patches, 4] bilinear
+    taps into the learned position table.
+    """
+
+    pixel_values: Tensor
+    grid_thw: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    rotary_position_ids: Tensor
+    interp_indices: Tensor
+    interp_weights: Tensor
+
+    @classmethod
+    def from_grids(cls, pixel_values: Tensor, grid_thw: Tensor, config: VisionConfig):
+        """Precompute the metadata for `grid_thw` (call on the CPU)."""
+        cu_seqlens = get_vision_cu_seqlens(grid_thw)
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid_thw,
+            num_grid_per_side=int(config.num_position_embeddings**0.5),
+            mode="bilinear",
+            align_corners=True,
+            spatial_merge_size=config.spatial_merge_size,
+        )
+        return cls(
+            pixel_values=pixel_values,
+            grid_thw=grid_thw,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            rotary_position_ids=get_vision_position_ids(grid_thw, config.spatial_merge_size),
+            interp_indices=indices,
+            interp_weights=weights,
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> VisionInputs:
+        moved = {
+            name: value.to(device, non_blocking=non_blocking)
+            if isinstance(value, Tensor)
+            else value
+            for name, value in vars(self).items()
+        }
+        return VisionInputs(**moved)

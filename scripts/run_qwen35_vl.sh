@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Train Qwen3.5-VL with megatron-core: every knob is an environment variable (see README), extra
+# arguments are passed on to pretrain_multimodal.py. DRY_RUN=1 validates the whole configuration
+# on the CPU (megatron's own argument checks, model configs, parameter counts, memory per GPU).
+#   MODEL_VARIANT=proxy ./scripts/run_qwen35_vl.sh
+#   DRY_RUN=1 MODEL_VARIANT=397b EP=64 NNODES=16 GPUS_PER_NODE=8 ./scripts/run_qwen35_vl.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+die() { echo "run_qwen35_vl.sh: error: $*" >&2; exit 1; }
+
+if [ -n "${PYTHON:-}" ]; then :
+elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
+else PYTHON=python3; fi
+
+MODEL_VARIANT=${MODEL_VARIANT:-proxy}
+TP=${TP:-1}; CP=${CP:-1}; EP=${EP:-1}; PP=${PP:-1}; FSDP=${FSDP:-0}
+NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [ "${GPUS_PER_NODE:-0}" -gt 0 ] || GPUS_PER_NODE=1
+fi
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
+MBS=${MBS:-1}; SEQ_LEN=${SEQ_LEN:-4096}; PACKED=${PACKED:-0}
+DATASET=${DATASET:-mock}; DATA_PATH=${DATA_PATH:-}; HF_TOKENIZER_PATH=${HF_TOKENIZER_PATH:-}
+TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-3e-5}
+WARMUP_ITERS=${WARMUP_ITERS:-10}; SEED=${SEED:-1234}
+EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-2}
+RUN_DIR=${RUN_DIR:-runs/qwen35_vl_${MODEL_VARIANT}}
+TB_DIR=${TB_DIR:-$RUN_DIR/tensorboard}
+CKPT_SAVE=${CKPT_SAVE:-}; CKPT_LOAD=${CKPT_LOAD:-}; CKPT_RESUME=${CKPT_RESUME:-1}
+SAVE_INTERVAL=${SAVE_INTERVAL:-100}
+FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
+RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
+MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}
+CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}
+PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}
+LAUNCHER=${LAUNCHER:-torchrun}
+DRY_RUN=${DRY_RUN:-0}
+
+# ---- fail fast on layouts megatron would reject later ----------------------------------------
+variant_info=$("$PYTHON" - "$MODEL_VARIANT" <<'PY'
+import sys
+from models.qwen35_vl.configuration import get_variant
+try:
+    config = get_variant(sys.argv[1])
+except ValueError as error:
+    sys.exit(f"run_qwen35_vl.sh: error: MODEL_VARIANT: {error}")
+print(config.text.num_experts)
+PY
+) || exit 1
+NUM_EXPERTS=$variant_info
+WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+[ "$PP" -eq 1 ] || die "PP=$PP: pipeline parallelism is not supported yet (the vision tower and decoder are built whole on every rank); use PP=1"
+if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then
+  die "EP=$EP needs a mixture-of-experts variant, but MODEL_VARIANT=$MODEL_VARIANT is dense; use EP=1 (or a MoE variant: proxy-moe, 35b_a3b, 122b_a10b, 397b)"
+fi
+model_parallel=$((TP * CP * EP * PP))
+[ $((WORLD_SIZE % model_parallel)) -eq 0 ] || die "world size $WORLD_SIZE (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP x CP x EP x PP = $TP x $CP x $EP x $PP = $model_parallel"
+DP=$((WORLD_SIZE / (TP * CP * PP)))
+# Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
+GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
+case "$CP_COMM_TYPE" in p2p|a2a|a2a+p2p|allgather) ;; *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;; esac
+case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac
+case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
+
+# ---- megatron arguments ------------------------------------------------------------------------
+ARGS=(
+  --model-name qwen35_vl --model-variant "$MODEL_VARIANT"
+  --tensor-model-parallel-size "$TP" --context-parallel-size "$CP"
+  --expert-model-parallel-size "$EP" --pipeline-model-parallel-size "$PP"
+  --cp-comm-type "$CP_COMM_TYPE"
+  --micro-batch-size "$MBS" --global-batch-size "$GBS"
+  --seq-length "$SEQ_LEN" --total-seq-length "$SEQ_LEN"
+  --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+  --lr-warmup-iters "$WARMUP_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95
+  --clip-grad 1.0 --init-method-std 0.02 --seed "$SEED"
+  --bf16
+  --tokenizer-type NullTokenizer
+  --dataset-provider "$DATASET" --dataloader-type external --num-workers 2
+  --calculate-per-token-loss
+  --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
+  --manual-gc --manual-gc-interval 50
+  --log-interval 1 --log-throughput --log-params-norm --log-timers-to-tensorboard
+  --log-memory-to-tensorboard --log-validation-ppl-to-tensorboard
+  --tensorboard-dir "$TB_DIR"
+  --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
+  --distributed-timeout-minutes 30
+)
+[ "$TP" -gt 1 ] && ARGS+=(--sequence-parallel)
+[ "$PACKED" = 1 ] && ARGS+=(--packed-sequence)
+[ -n "$DATA_PATH" ] && ARGS+=(--dataset-path "$DATA_PATH")
+[ -n "$HF_TOKENIZER_PATH" ] && ARGS+=(--hf-tokenizer-path "$HF_TOKENIZER_PATH")
+[ -n "$MTP_NUM_LAYERS" ] && ARGS+=(--mtp-num-layers "$MTP_NUM_LAYERS")
+if [ "$FSDP" = 1 ]; then
+  # megatron-fsdp shards parameters, gradients and optimizer state; gradient-accumulation fusion
+  # stays on. It needs CUDA_DEVICE_MAX_CONNECTIONS > 1 and the fsdp_dtensor checkpoint format.
+  ARGS+=(--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params
+         --use-distributed-optimizer --ckpt-format fsdp_dtensor)
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-8}
+else
+  ARGS+=(--use-distributed-optimizer --overlap-grad-reduce --ckpt-format torch_dist)
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+fi
+if [ "$NUM_EXPERTS" -gt 0 ]; then
+  ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)
+  [ "$FORCE_LOAD_BALANCING" = 1 ] && ARGS+=(--moe-router-force-load-balancing)
+fi
+if [ "$RECOMPUTE" = 1 ]; then
+  ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
+fi
+[ "$RECOMPUTE_VISION" = 1 ] && ARGS+=(--recompute-vision)
+if [ -n "$CKPT_SAVE" ]; then ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL"); fi
+if [ -n "$CKPT_LOAD" ]; then
+  ARGS+=(--load "$CKPT_LOAD")
+  # CKPT_RESUME=0: fine-tune from the weights only (iteration 0, fresh optimizer and RNG).
+  [ "$CKPT_RESUME" = 0 ] && ARGS+=(--finetune --no-load-optim --no-load-rng)
+fi
+if [ "$PROFILE" != 0 ]; then
+  ARGS+=(--profile --profile-step-start "${PROFILE_STEPS%:*}" --profile-step-end "${PROFILE_STEPS#*:}" --profile-ranks 0)
+  [ "$PROFILE" = torch ] && ARGS+=(--use-pytorch-profiler)
+fi
+ARGS+=("$@")
+
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "DRY_RUN: $LAUNCHER would start $WORLD_SIZE processes ($NNODES node(s) x $GPUS_PER_NODE GPU(s)) running:"
+  echo "  pretrain_multimodal.py ${ARGS[*]}"
+  WORLD_SIZE=$WORLD_SIZE RANK=0 LOCAL_RANK=0 exec "$PYTHON" pretrain_multimodal.py "${ARGS[@]}" --dry-run
+fi
+
+mkdir -p "$RUN_DIR"
+case "$LAUNCHER" in
+  torchrun)
+    CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK"
+         --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+         pretrain_multimodal.py "${ARGS[@]}") ;;
+  *) die "LAUNCHER=$LAUNCHER: only torchrun is supported" ;;
+esac
+if [ "$PROFILE" = nsys ]; then
+  CMD=(nsys profile -o "$RUN_DIR/profile" --capture-range=cudaProfilerApi --capture-range-end=stop
+       --trace=cuda,nvtx --force-overwrite true "${CMD[@]}")
+fi
+echo "run_qwen35_vl.sh: ${CMD[*]}"
+exec "${CMD[@]}"
