@@ -1,0 +1,493 @@
+"""Hugging Face <-> megatron weight mapping for Qwen3.5-VL, one rule per megatron tensor.
+
+HF names follow the released checkpoints (`model.visual.*`, `model.language_model.*`, `lm_head`,
+`mtp.*`, per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`); `split_fused_experts` /
+`fuse_experts` convert to and from transformers' in-memory 3D expert tensors. Megatron names are
+those of `Qwen35VLModel` at TP=1; `shard_for_tensor_parallel` / `gather_tensor_parallel` give the
+per-rank slices megatron holds for TP > 1, and `expert_parallel_name` the EP placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .configuration import FULL_ATTENTION, Qwen35VLConfig
+
+HF_TEXT = "model.language_model."
+HF_VISION = "model.visual."
+MEGATRON_TEXT = "language_model."
+MEGATRON_VISION = "vision."
+
+# How a megatron tensor is split over tensor-parallel ranks.
+REPLICATED = "replicated"
+COLUMN = "column"  # split dim 0 (output features); `sections` split each section separately
+ROW = "row"  # split dim 1 (input features)
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One megatron tensor and the HF tensors it is made of.
+
+    `kind`: "copy" (one tensor), "concat" (HF tensors stacked along dim 0), "attention_qkv"
+    (q_proj with its per-head output gate, k_proj, v_proj -> megatron's grouped
+    [q, gate, k, v] layout), "vision_qkv" (HF [q; k; v] -> per-head [q, k, v]), "patch_embed"
+    (Conv3d kernel -> linear weight). `tp` / `sections` describe the TP split; `expert` marks a
+    routed-expert tensor (placed by expert parallelism, never TP-split here).
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str = "copy"
+    tp: str = REPLICATED
+    sections: tuple[int, ...] = ()
+    heads: tuple[int, int, int] = (0, 0, 0)  # (query heads, groups, head dim) for qkv kinds
+    expert: bool = False
+
+    def to_megatron(self, tensors: list[Tensor]) -> Tensor:
+        if self.kind == "copy":
+            return tensors[0]
+        if self.kind == "concat":
+            return torch.cat(tensors, dim=0)
+        if self.kind == "patch_embed":
+            return tensors[0].reshape(tensors[0].shape[0], -1)
+        heads, groups, dim = self.heads
+        if self.kind == "vision_qkv":
+            qkv = tensors[0]
+            return qkv.reshape(3, heads, dim, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
+        if self.kind == "attention_qkv":
+            q_gate, k, v = tensors
+            per_group = heads // groups
+            rest = q_gate.shape[1:]
+            q_gate = q_gate.reshape(groups, per_group, 2, dim, *rest)
+            parts = [
+                q_gate[:, :, 0].reshape(groups, per_group * dim, *rest),
+                q_gate[:, :, 1].reshape(groups, per_group * dim, *rest),
+                k.reshape(groups, dim, *rest),
+                v.reshape(groups, dim, *rest),
+            ]
+            return torch.cat(parts, dim=1).reshape(-1, *rest)
+        raise ValueError(f"unknown rule kind {self.kind!r}")
+
+    def to_hf(self, tensor: Tensor, hf_shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        if self.kind == "copy":
+            return [tensor]
+        if self.kind == "concat":
+            return list(torch.split(tensor, [shape[0] for shape in hf_shapes], dim=0))
+        if self.kind == "patch_embed":
+            return [tensor.reshape(hf_shapes[0])]
+        heads, groups, dim = self.heads
+        if self.kind == "vision_qkv":
+            rest = tensor.shape[1:]
+            return [tensor.reshape(heads, 3, dim, *rest).transpose(0, 1).reshape(tensor.shape)]
+        if self.kind == "attention_qkv":
+            per_group = heads // groups
+            rest = tensor.shape[1:]
+            grouped = tensor.reshape(groups, (2 * per_group + 2) * dim, *rest)
+            q, gate, k, v = torch.split(
+                grouped, [per_group * dim, per_group * dim, dim, dim], dim=1
+            )
+            q_gate = torch.stack(
+                [
+                    q.reshape(groups, per_group, dim, *rest),
+                    gate.reshape(groups, per_group, dim, *rest),
+                ],
+                dim=2,
+            )
+            return [q_gate.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+        raise ValueError(f"unknown rule kind {self.kind!r}")
+
+
+def _vision_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:
+    v = config.vision
+    qkv_heads = (v.num_heads, v.num_heads, v.head_dim)
+    yield WeightRule(
+        "vision.patch_embed.weight", (HF_VISION + "patch_embed.proj.weight",), "patch_embed"
+    )
+    yield WeightRule("vision.patch_embed.bias", (HF_VISION + "patch_embed.proj.bias",))
+    yield WeightRule("vision.pos_embed.weight", (HF_VISION + "pos_embed.weight",))
+    for i in range(v.depth):
+        meg, hf = f"vision.blocks.layers.{i}.", f"{HF_VISION}blocks.{i}."
+        attn, mlp = meg + "self_attention.", meg + "mlp."
+        yield WeightRule(attn + "linear_qkv.layer_norm_weight", (hf + "norm1.weight",))
+        yield WeightRule(attn + "linear_qkv.layer_norm_bias", (hf + "norm1.bias",))
+        for suffix in ("weight", "bias"):
+            yield WeightRule(
+                f"{attn}linear_qkv.{suffix}",
+                (f"{hf}attn.qkv.{suffix}",),
+                "vision_qkv",
+                COLUMN,
+                heads=qkv_heads,
+            )
+        yield WeightRule(attn + "linear_proj.weight", (hf + "attn.proj.weight",), tp=ROW)
+        yield WeightRule(attn + "linear_proj.bias", (hf + "attn.proj.bias",))
+        yield WeightRule(mlp + "linear_fc1.layer_norm_weight", (hf + "norm2.weight",))
+        yield WeightRule(mlp + "linear_fc1.layer_norm_bias", (hf + "norm2.bias",))
+        yield WeightRule(mlp + "linear_fc1.weight", (hf + "mlp.linear_fc1.weight",), tp=COLUMN)
+        yield WeightRule(mlp + "linear_fc1.bias", (hf + "mlp.linear_fc1.bias",), tp=COLUMN)
+        yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.linear_fc2.weight",), tp=ROW)
+        yield WeightRule(mlp + "linear_fc2.bias", (hf + "mlp.linear_fc2.bias",))
+    yield WeightRule("vision.merger.norm.weight", (HF_VISION + "merger.norm.weight",))
+    yield WeightRule("vision.merger.norm.bias", (HF_VISION + "merger.norm.bias",))
+    yield WeightRule(
+        "vision.merger.mlp.linear_fc1.weight", (HF_VISION + "merger.linear_fc1.weight",), tp=COLUMN
+    )
+    yield WeightRule(
+        "vision.merger.mlp.linear_fc1.bias", (HF_VISION + "merger.linear_fc1.bias",), tp=COLUMN
+    )
+    yield WeightRule(
+        "vision.merger.mlp.linear_fc2.weight", (HF_VISION + "merger.linear_fc2.weight",), tp=ROW
+    )
+    yield WeightRule("vision.merger.mlp.linear_fc2.bias", (HF_VISION + "merger.linear_fc2.bias",))
+
+
+def _mixer_rules(
+    config: Qwen35VLConfig, meg: str, hf: str, layer_type: str
+) -> Iterator[WeightRule]:
+    """Token mixer of one decoder layer; `hf` is the HF layer prefix (ends with '.')."""
+    t = config.text
+    attn = meg + "self_attention."
+    if layer_type == FULL_ATTENTION:
+        yield WeightRule(attn + "linear_qkv.layer_norm_weight", (hf + "input_layernorm.weight",))
+        yield WeightRule(
+            attn + "linear_qkv.weight",
+            tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"),
+            "attention_qkv",
+            COLUMN,
+            heads=(t.num_attention_heads, t.num_key_value_heads, t.head_dim),
+        )
+        yield WeightRule(attn + "q_layernorm.weight", (hf + "self_attn.q_norm.weight",))
+        yield WeightRule(attn + "k_layernorm.weight", (hf + "self_attn.k_norm.weight",))
+        yield WeightRule(attn + "linear_proj.weight", (hf + "self_attn.o_proj.weight",), tp=ROW)
+        return
+    key_dim = t.linear_num_key_heads * t.linear_key_head_dim
+    value_dim = t.linear_num_value_heads * t.linear_value_head_dim
+    gdn = hf + "linear_attn."
+    yield WeightRule(attn + "in_proj.layer_norm_weight", (hf + "input_layernorm.weight",))
+    yield WeightRule(
+        attn + "in_proj.weight",
+        tuple(gdn + f"in_proj_{p}.weight" for p in ("qkv", "z", "b", "a")),
+        "concat",
+        COLUMN,
+        sections=(key_dim, key_dim, value_dim, value_dim) + (t.linear_num_value_heads,) * 2,
+    )
+    yield WeightRule(
+        attn + "conv1d.weight",
+        (gdn + "conv1d.weight",),
+        tp=COLUMN,
+        sections=(key_dim, key_dim, value_dim),
+    )
+    yield WeightRule(attn + "A_log", (gdn + "A_log",), tp=COLUMN)
+    yield WeightRule(attn + "dt_bias", (gdn + "dt_bias",), tp=COLUMN)
+    yield WeightRule(attn + "out_norm.weight", (gdn + "norm.weight",))
+    yield WeightRule(attn + "out_proj.weight", (gdn + "out_proj.weight",), tp=ROW)
+
+
+def _mlp_rules(config: Qwen35VLConfig, meg: str, hf: str) -> Iterator[WeightRule]:
+    """MLP / MoE half of one decoder layer."""
+    t = config.text
+    if not t.is_moe:
+        mlp = meg + "mlp."
+        yield WeightRule(
+            mlp + "linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
+        )
+        yield WeightRule(
+            mlp + "linear_fc1.weight",
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+            "concat",
+            COLUMN,
+            sections=(t.intermediate_size,) * 2,
+        )
+        yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.down_proj.weight",), tp=ROW)
+        return
+    yield WeightRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",))
+    yield WeightRule(meg + "mlp.router.weight", (hf + "mlp.gate.weight",))
+    for e in range(t.num_experts):
+        expert = f"{hf}mlp.experts.{e}."
+        yield WeightRule(
+            f"{meg}mlp.experts.linear_fc1.weight{e}",
+            (expert + "gate_proj.weight", expert + "up_proj.weight"),
+            "concat",
+            expert=True,
+        )
+        yield WeightRule(
+            f"{meg}mlp.experts.linear_fc2.weight{e}", (expert + "down_proj.weight",), expert=True
+        )
+    shared = hf + "mlp.shared_expert."
+    yield WeightRule(
+        meg + "mlp.shared_experts.linear_fc1.weight",
+        (shared + "gate_proj.weight", shared + "up_proj.weight"),
+        "concat",
+        COLUMN,
+        sections=(t.shared_expert_intermediate_size,) * 2,
+    )
+    yield WeightRule(
+        meg + "mlp.shared_experts.linear_fc2.weight", (shared + "down_proj.weight",), tp=ROW
+    )
+    yield WeightRule(
+        meg + "mlp.shared_experts.gate_weight", (hf + "mlp.shared_expert_gate.weight",)
+    )
+
+
+def _language_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:
+    t = config.text
+    yield WeightRule(
+        MEGATRON_TEXT + "embedding.word_embeddings.weight",
+        (HF_TEXT + "embed_tokens.weight",),
+        tp=COLUMN,
+    )
+    for i, layer_type in enumerate(t.layer_types):
+        hf = f"{HF_TEXT}layers.{i}."
+        yield from _mixer_rules(config, f"{MEGATRON_TEXT}decoder.layers.{2 * i}.", hf, layer_type)
+        yield from _mlp_rules(config, f"{MEGATRON_TEXT}decoder.layers.{2 * i + 1}.", hf)
+    yield WeightRule(MEGATRON_TEXT + "decoder.final_norm.weight", (HF_TEXT + "norm.weight",))
+    if not t.tie_word_embeddings:
+        yield WeightRule(MEGATRON_TEXT + "output_layer.weight", ("lm_head.weight",), tp=COLUMN)
+    if t.mtp_num_hidden_layers > 1:
+        raise ValueError(
+            "released Qwen3.5 checkpoints have one MTP layer; HF names for more are undefined"
+        )
+    if t.mtp_num_hidden_layers == 1:
+        meg = MEGATRON_TEXT + "mtp.layers.0."
+        yield WeightRule(meg + "enorm.weight", ("mtp.pre_fc_norm_embedding.weight",))
+        yield WeightRule(meg + "hnorm.weight", ("mtp.pre_fc_norm_hidden.weight",))
+        yield WeightRule(meg + "eh_proj.weight", ("mtp.fc.weight",), tp=COLUMN)
+        yield from _mixer_rules(
+            config, meg + "mtp_model_layer.layers.0.", "mtp.layers.0.", FULL_ATTENTION
+        )
+        yield from _mlp_rules(config, meg + "mtp_model_layer.layers.1.", "mtp.layers.0.")
+        yield WeightRule(meg + "final_layernorm.weight", ("mtp.norm.weight",))
+
+
+def weight_rules(config: Qwen35VLConfig) -> list[WeightRule]:
+    """Every megatron tensor of the model (TP=1 names) with its HF source tensors."""
+    return [*_vision_rules(config), *_language_rules(config)]
+
+
+def _check_names(kind: str, expected: set[str], present: set[str]) -> None:
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{kind} state dict does not match the config: {len(missing)} missing "
+            f"{missing[:20]}{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected "
+            f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
+
+
+def hf_to_megatron(hf_state: Mapping[str, Tensor], config: Qwen35VLConfig) -> dict[str, Tensor]:
+    """Full (TP=1) megatron state dict from an HF state dict in checkpoint layout. A checkpoint
+    without `mtp.*` tensors (transformers' `save_pretrained`) needs `config.with_mtp_layers(0)`."""
+    rules = weight_rules(config)
+    _check_names("HF", {name for rule in rules for name in rule.hf}, set(hf_state))
+    return {rule.megatron: rule.to_megatron([hf_state[n] for n in rule.hf]) for rule in rules}
+
+
+def megatron_to_hf(
+    megatron_state: Mapping[str, Tensor], config: Qwen35VLConfig
+) -> dict[str, Tensor]:
+    """HF checkpoint-layout state dict from a full (TP=1) megatron state dict; TE's
+    `_extra_state` entries are ignored."""
+    rules = weight_rules(config)
+    weights = {k: v for k, v in megatron_state.items() if not k.endswith("_extra_state")}
+    _check_names("megatron", {rule.megatron for rule in rules}, set(weights))
+    hf_shapes = hf_tensor_shapes(config)
+    out: dict[str, Tensor] = {}
+    for rule in rules:
+        shapes = [hf_shapes[name] for name in rule.hf]
+        out.update(zip(rule.hf, rule.to_hf(weights[rule.megatron], shapes), strict=True))
+    return out
+
+
+def hf_tensor_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the HF checkpoint tensors (from an HF model built on the meta device)."""
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+    model_class = (
+        Qwen3_5MoeForConditionalGeneration
+        if config.text.is_moe
+        else Qwen3_5ForConditionalGeneration
+    )
+    with torch.device("meta"):
+        model = model_class(config.to_hf_config())
+    shapes = {
+        name: tuple(tensor.shape)
+        for name, tensor in split_fused_experts(model.state_dict(), config).items()
+    }
+    shapes.update(mtp_tensor_shapes(config))
+    return shapes
+
+
+def mtp_tensor_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
+    """HF shapes of the `mtp.*` tensors, which transformers does not model: those of a decoder
+    layer of the same kind (full attention) plus fc [H, 2H] and three norms."""
+    t = config.text
+    if not t.mtp_num_hidden_layers:
+        return {}
+    h = t.hidden_size
+    layer = f"{HF_TEXT}layers.{t.layer_types.index(FULL_ATTENTION)}."
+    template = hf_layer_shapes(config)
+    shapes = {
+        "mtp.fc.weight": (h, 2 * h),
+        "mtp.pre_fc_norm_embedding.weight": (h,),
+        "mtp.pre_fc_norm_hidden.weight": (h,),
+        "mtp.norm.weight": (h,),
+    }
+    for name, shape in template.items():
+        if name.startswith(layer):
+            shapes["mtp.layers.0." + name[len(layer) :]] = shape
+    return shapes
+
+
+def hf_layer_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
+    """HF shapes of the language layers' tensors (checkpoint layout), from the config alone."""
+    t = config.text
+    h, d = t.hidden_size, t.head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    key_dim = t.linear_num_key_heads * t.linear_key_head_dim
+    value_dim = t.linear_num_value_heads * t.linear_value_head_dim
+    for i, layer_type in enumerate(t.layer_types):
+        p = f"{HF_TEXT}layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if layer_type == FULL_ATTENTION:
+            shapes[p + "self_attn.q_proj.weight"] = (2 * t.num_attention_heads * d, h)
+            shapes[p + "self_attn.k_proj.weight"] = (t.num_key_value_heads * d, h)
+            shapes[p + "self_attn.v_proj.weight"] = (t.num_key_value_heads * d, h)
+            shapes[p + "self_attn.o_proj.weight"] = (h, t.num_attention_heads * d)
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
+        else:
+            g = p + "linear_attn."
+            shapes[g + "in_proj_qkv.weight"] = (2 * key_dim + value_dim, h)
+            shapes[g + "in_proj_z.weight"] = (value_dim, h)
+            shapes[g + "in_proj_b.weight"] = (t.linear_num_value_heads, h)
+            shapes[g + "in_proj_a.weight"] = (t.linear_num_value_heads, h)
+            shapes[g + "conv1d.weight"] = (2 * key_dim + value_dim, 1, t.linear_conv_kernel_dim)
+            shapes[g + "A_log"] = (t.linear_num_value_heads,)
+            shapes[g + "dt_bias"] = (t.linear_num_value_heads,)
+            shapes[g + "norm.weight"] = (t.linear_value_head_dim,)
+            shapes[g + "out_proj.weight"] = (h, value_dim)
+        if t.is_moe:
+            i_moe, i_shared = t.moe_intermediate_size, t.shared_expert_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (t.num_experts, h)
+            for e in range(t.num_experts):
+                shapes[f"{p}mlp.experts.{e}.gate_proj.weight"] = (i_moe, h)
+                shapes[f"{p}mlp.experts.{e}.up_proj.weight"] = (i_moe, h)
+                shapes[f"{p}mlp.experts.{e}.down_proj.weight"] = (h, i_moe)
+            shapes[p + "mlp.shared_expert.gate_proj.weight"] = (i_shared, h)
+            shapes[p + "mlp.shared_expert.up_proj.weight"] = (i_shared, h)
+            shapes[p + "mlp.shared_expert.down_proj.weight"] = (h, i_shared)
+            shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, h)
+            shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, t.intermediate_size)
+    return shapes
+
+
+def split_fused_experts(
+    hf_state: Mapping[str, Tensor], config: Qwen35VLConfig
+) -> dict[str, Tensor]:
+    """transformers' in-memory experts (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
+    [E, H, I]) -> per-expert checkpoint tensors; other tensors pass through (as views)."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in hf_state.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, expert in enumerate(tensor):
+                gate, up = expert.chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate
+                out[f"{prefix}{e}.up_proj.weight"] = up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = tensor[e]
+        else:
+            out[name] = tensor
+    return out
+
+
+def fuse_experts(hf_state: Mapping[str, Tensor], config: Qwen35VLConfig) -> dict[str, Tensor]:
+    """Inverse of `split_fused_experts` (for loading into a transformers model)."""
+    t = config.text
+    out = {k: v for k, v in hf_state.items() if ".mlp.experts." not in k or k.startswith("mtp.")}
+    if not t.is_moe:
+        return out
+    for i in range(t.num_hidden_layers):
+        prefix = f"{HF_TEXT}layers.{i}.mlp.experts."
+        experts = range(t.num_experts)
+        out[prefix + "gate_up_proj"] = torch.stack(
+            [
+                torch.cat(
+                    [
+                        hf_state[f"{prefix}{e}.gate_proj.weight"],
+                        hf_state[f"{prefix}{e}.up_proj.weight"],
+                    ]
+                )
+                for e in experts
+            ]
+        )
+        out[prefix + "down_proj"] = torch.stack(
+            [hf_state[f"{prefix}{e}.down_proj.weight"] for e in experts]
+        )
+    mtp_experts = [k for k in hf_state if k.startswith("mtp.") and ".mlp.experts." in k]
+    out.update({k: hf_state[k] for k in mtp_experts})
+    return out
+
+
+def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size: int) -> Tensor:
+    """The slice of a full megatron tensor that tensor-parallel rank `rank` of `size` holds."""
+    if size == 1 or rule.tp == REPLICATED or rule.expert:
+        return tensor
+    dim = 0 if rule.tp == COLUMN else 1
+    _check_divisible(rule, tensor.shape[dim], size)
+    if rule.sections:
+        pieces = torch.split(tensor, list(rule.sections), dim=dim)
+        return torch.cat([piece.chunk(size, dim=dim)[rank] for piece in pieces], dim=dim)
+    return tensor.chunk(size, dim=dim)[rank]
+
+
+def gather_tensor_parallel(rule: WeightRule, shards: list[Tensor]) -> Tensor:
+    """Inverse of `shard_for_tensor_parallel` over all ranks' shards (in rank order)."""
+    size = len(shards)
+    if size == 1 or rule.tp == REPLICATED or rule.expert:
+        return shards[0]
+    dim = 0 if rule.tp == COLUMN else 1
+    if rule.sections:
+        local = [s // size for s in rule.sections]
+        per_rank = [torch.split(shard, local, dim=dim) for shard in shards]
+        return torch.cat(
+            [
+                torch.cat([rank_pieces[j] for rank_pieces in per_rank], dim=dim)
+                for j in range(len(local))
+            ],
+            dim=dim,
+        )
+    return torch.cat(shards, dim=dim)
+
+
+def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
+    if rule.kind == "attention_qkv":
+        groups = rule.heads[1]
+        if groups % size:
+            raise ValueError(
+                f"{rule.megatron}: {groups} query groups do not split over TP size {size}"
+            )
+    for part in rule.sections or (extent,):
+        if part % size:
+            raise ValueError(
+                f"{rule.megatron}: dimension {part} does not split over tensor-parallel size {size}"
+            )
+
+
+def expert_parallel_name(name: str, num_experts: int, ep_size: int) -> tuple[int, str]:
+    """(EP rank, local name) of a routed-expert tensor `...weight{e}` under expert parallelism."""
+    stem, _, index = name.rpartition("weight")
+    if num_experts % ep_size:
+        raise ValueError(f"{num_experts} experts do not split over expert-parallel size {ep_size}")
+    per_rank = num_experts // ep_size
+    expert = int(index)
+    return expert // per_rank, f"{stem}weight{expert % per_rank}"

@@ -1,0 +1,299 @@
+"""Shared pieces of the torchrun GPU tests: process groups, tiny Qwen3.5-VL configs, building our
+megatron model and the matching HF model with identical weights, seeded multimodal samples, and a
+result table. Imported by tests/test_*.py scripts; not a test itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from data.collate import CollateConfig, pack_or_pad_batch
+from data.mock import qwen_image_processor
+from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionConfig
+
+TINY_TOKENS = dict(
+    image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003
+)
+TEXT_VOCAB = 990  # ordinary tokens are drawn from [0, TEXT_VOCAB)
+
+
+def tiny_config(moe: bool = False, mtp_layers: int = 0) -> Qwen35VLConfig:
+    """Four decoder layers (3 Gated DeltaNet + 1 attention), head_dim 256 as released (so the
+    MRoPE sections are the real ones), vocabulary 1024."""
+    text = dict(
+        vocab_size=1024,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        max_position_embeddings=4096,
+        mtp_num_hidden_layers=mtp_layers,
+    )
+    if moe:
+        text.update(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+            shared_expert_intermediate_size=128,
+        )  # fmt: skip
+    else:
+        text.update(intermediate_size=512)
+    vision = VisionConfig(
+        depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256
+    )
+    return Qwen35VLConfig(
+        name="tiny-moe" if moe else "tiny",
+        text=TextConfig(**text),
+        vision=vision,
+        source="test",
+        **TINY_TOKENS,
+    )
+
+
+# ---- distributed --------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start NCCL from torchrun's environment (or as a single process); returns (rank, world)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def set_model_parallel(tp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) -> None:
+    """(Re)build megatron's process groups for a layout, in the same process group."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, context_parallel_size=cp, expert_model_parallel_size=ep
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def base_transformer_config(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any) -> Any:
+    """A TransformerConfig standing in for megatron's arguments (precision and parallelism)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=2,
+        hidden_size=config.text.hidden_size,
+        num_attention_heads=config.text.num_attention_heads,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        sequence_parallel=parallel_state.get_tensor_model_parallel_world_size() > 1,
+        moe_router_dtype="fp32",
+        calculate_per_token_loss=True,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def build_megatron(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from models.qwen35_vl.factory import build_model
+
+    base = base_transformer_config(config, dtype, **overrides)
+    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups())
+    return model.cuda()
+
+
+def build_hf(config: Qwen35VLConfig, seed: int = 0):
+    """The HF model with random weights; every 1-D parameter (norms, biases, A_log, dt_bias) is
+    perturbed so that a wrong norm convention or a dropped bias shows up in the outputs."""
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf_class = (
+        Qwen3_5MoeForConditionalGeneration
+        if config.text.is_moe
+        else Qwen3_5ForConditionalGeneration
+    )
+    model = hf_class(config.to_hf_config(attn_implementation="eager"))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(0.1 * noise)
+            if "embed_tokens" in name or "lm_head" in name:
+                # Spread the logits so top-1 decisions are meaningful for the bf16 comparison.
+                parameter.normal_(0.0, 0.5, generator=generator)
+    return model.cuda().eval()
+
+
+def hf_reference_kernels() -> None:
+    """Make HF's Qwen3.5 Gated DeltaNet use its pure-torch chunked rule even when fla is
+    installed (transformers swaps in fla's kernel when it finds it)."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as dense
+    import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as moe
+
+    for module in (dense, moe):
+        function = module.torch_chunk_gated_delta_rule
+        module.torch_chunk_gated_delta_rule = getattr(function, "__wrapped__", function)
+
+
+def load_hf_weights(model, hf_model, config: Qwen35VLConfig) -> None:
+    """Copy the HF weights into our (TP=1) model through the weight mapping; strict."""
+    from models.qwen35_vl.hf_weights import hf_to_megatron, split_fused_experts
+
+    state = split_fused_experts(hf_model.state_dict(), config)
+    if config.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    mapped = hf_to_megatron(state, config)
+    result = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"missing {missing}, unexpected {result.unexpected_keys}")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def make_sample(
+    config: Qwen35VLConfig,
+    seed: int,
+    text_lengths: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+) -> dict[str, torch.Tensor]:
+    """Text segments interleaved with images: text_lengths[0], image 0, text_lengths[1], ...
+    (len(text_lengths) == len(image_sizes) + 1). The second half of the tokens is supervised."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    processor = qwen_image_processor(32 * 32, 1024 * 32 * 32, config)
+    grids, pixels = [], []
+    for index, length in enumerate(text_lengths):
+        ids += rng.integers(0, TEXT_VOCAB, size=length).tolist()
+        if index < len(image_sizes):
+            out = processor(images=[random_image(rng, *image_sizes[index])], return_tensors="pt")
+            count = int(out["image_grid_thw"].prod()) // config.vision.spatial_merge_size**2
+            ids += [config.vision_start_token_id] + [config.image_token_id] * count
+            ids += [config.vision_end_token_id]
+            grids.append(out["image_grid_thw"])
+            pixels.append(out["pixel_values"])
+    input_ids = torch.tensor(ids)
+    supervised = torch.zeros(len(ids), dtype=torch.bool)
+    supervised[len(ids) // 2 :] = True
+    sample = {"input_ids": input_ids, "supervised": supervised}
+    if grids:
+        sample["image_grid_thw"] = torch.cat(grids)
+        sample["pixel_values"] = torch.cat(pixels)
+    return sample
+
+
+def collate(
+    samples: list[dict[str, torch.Tensor]],
+    config: Qwen35VLConfig,
+    mode: str,
+    seq_length: int,
+    pad_multiple: int = 1,
+) -> dict[str, Any]:
+    special = frozenset(TINY_TOKENS.values()) | {0}
+    collate_config = CollateConfig(
+        mode=mode,
+        seq_length=seq_length,
+        pad_token_id=0,
+        image_token_id=config.image_token_id,
+        vision=config.vision,
+        pad_multiple=pad_multiple,
+        ignored_label_ids=special,
+    )
+    return pack_or_pad_batch(samples, collate_config)
+
+
+def hf_inputs(sample: dict[str, torch.Tensor], config: Qwen35VLConfig, dtype) -> dict[str, Any]:
+    ids = sample["input_ids"].unsqueeze(0).cuda()
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == config.image_token_id).int(),
+    }
+    if "pixel_values" in sample:
+        inputs["pixel_values"] = sample["pixel_values"].cuda().to(dtype)
+        inputs["image_grid_thw"] = sample["image_grid_thw"].cuda()
+    return inputs
+
+
+def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
+    """Logits [B, S, V] (or per-token losses with labels) for a collated CPU batch."""
+    from forward_step import model_position_ids, packed_seq_params, to_device
+
+    batch = to_device(batch, torch.device("cuda"))
+    packed = packed_seq_params(batch)
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=model_position_ids(batch["position_ids"], packed is not None),
+        vision_inputs=batch["vision"],
+        vision_rows=batch["vision_rows"],
+        labels=batch["labels"] if with_labels else None,
+        loss_mask=batch["loss_mask"] if with_labels else None,
+        packed_seq_params=packed,
+        padding_mask=batch["padding_mask"],
+    )
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value - reference| / max |reference|."""
+    value, reference = value.double(), reference.double()
+    return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    measured: float
+    limit: float
+    detail: str = ""
+    higher_is_better: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+
+
+def print_table(title: str, checks: list[Check]) -> bool:
+    """Print the checks as a markdown table (rank 0); returns whether all passed."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"\n### {title}\n")
+        print("| check | measured | limit | result | detail |")
+        print("|---|---|---|---|---|")
+        for c in checks:
+            bound = ">=" if c.higher_is_better else "<="
+            verdict = "pass" if c.passed else "FAIL"
+            print(
+                f"| {c.name} | {c.measured:.3e} | {bound} {c.limit:.1e} | {verdict} | {c.detail} |"
+            )
+    return all(c.passed for c in checks)
