@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import sys
 import types
 from typing import Any
@@ -257,6 +258,13 @@ def planning_device(dry_run: bool):
         torch.cuda.get_device_capability, torch.cuda.get_device_properties = real
 
 
+def use_make_shim() -> None:
+    """Put scripts/megatron_make_shim first on PATH for megatron's dataset-helper build step
+    (see the shim for why)."""
+    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "megatron_make_shim")
+    os.environ["PATH"] = shim + os.pathsep + os.environ.get("PATH", "")
+
+
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.dry_run:
@@ -269,6 +277,7 @@ def main() -> None:
     from forward_step import forward_step
 
     datasets_provider.is_distributed = True
+    use_make_shim()
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,

@@ -101,6 +101,11 @@ if [ "$FSDP" = 1 ]; then
 else
   ARGS+=(--use-distributed-optimizer --overlap-grad-reduce --ckpt-format torch_dist)
   export CUDA_DEVICE_MAX_CONNECTIONS=1
+  if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
+    # megatron's (non-TE) output layer needs APEX's kernel for gradient-accumulation fusion.
+    echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
+    ARGS+=(--no-gradient-accumulation-fusion)
+  fi
 fi
 if [ "$NUM_EXPERTS" -gt 0 ]; then
   ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)

@@ -121,8 +121,9 @@ def build_megatron(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any)
     from models.qwen35_vl.factory import build_model
 
     base = base_transformer_config(config, dtype, **overrides)
-    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups())
-    return model.cuda()
+    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    # As megatron's Float16Module does in training: every parameter in the training dtype.
+    return model.to(dtype)
 
 
 def build_hf(config: Qwen35VLConfig, seed: int = 0):

@@ -110,17 +110,21 @@ class InterleavedMRopeEmbedding(nn.Module):
             raise ValueError(
                 f"mrope_section {mrope_section} does not cover rotary_dim {rotary_dim}"
             )
-        inv_freq = 1.0 / (
+        # Plain attributes, not buffers: megatron's Float16Module casts buffers to bf16, and the
+        # angles (position x frequency, positions up to 1e5+) must be formed in fp32.
+        self.inv_freq = 1.0 / (
             rotary_base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
         )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("axis", mrope_axis_per_frequency(mrope_section), persistent=False)
+        self.axis = mrope_axis_per_frequency(mrope_section)
 
     def forward(self, position_ids: Tensor) -> Tensor:
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(1)
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError(f"expected position ids [3, B, S] or [3, T], got {position_ids.shape}")
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+            self.axis = self.axis.to(position_ids.device)
         # [3, B, S] -> pick each frequency's axis -> [F, B, S]
         selected = position_ids.index_select(0, self.axis).float()
         angles = selected.permute(2, 1, 0) * self.inv_freq  # [S, B, F]

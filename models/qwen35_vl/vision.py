@@ -81,12 +81,14 @@ class VisionRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         spatial_dim = head_dim // 2
-        inv_freq = 1.0 / (
+        # A plain attribute (not a buffer) so that bf16 casts of the model leave it fp32.
+        self.inv_freq = 1.0 / (
             theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim)
         )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, rotary_position_ids: Tensor) -> Tensor:
+        if self.inv_freq.device != rotary_position_ids.device:
+            self.inv_freq = self.inv_freq.to(rotary_position_ids.device)
         angles = rotary_position_ids[..., None].float() * self.inv_freq  # [N, 2, F]
         row_col = angles.flatten(1)  # [N, 2F]: row frequencies, then column frequencies
         return torch.cat((row_col, row_col), dim=-1)[:, None, None, :]
