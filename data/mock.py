@@ -7,6 +7,7 @@ falls). Images go through the real Qwen image processor class, built locally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,41 @@ class MockVLMDataset(Dataset):
             "pixel_values": processed["pixel_values"].to(torch.bfloat16),
             "image_grid_thw": grid,
         }
+
+
+def interleaved_sample(
+    config: Qwen35VLConfig,
+    seed: int,
+    text_lengths: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+    text_vocab: int = 150000,
+) -> dict[str, torch.Tensor]:
+    """One sample of random text segments and random-pixel images of the given (height, width),
+    interleaved: text_lengths[0], image 0, text_lengths[1], ... (one more text segment than
+    images). Ordinary tokens are drawn from [0, text_vocab); the second half is supervised.
+    Used by tests and benchmarks that need exact lengths and image sizes."""
+    rng = np.random.default_rng(seed)
+    processor = qwen_image_processor(32 * 32, 16384 * 32 * 32, config)
+    ids: list[int] = []
+    grids, pixels = [], []
+    for index, length in enumerate(text_lengths):
+        ids += rng.integers(0, text_vocab, size=length).tolist()
+        if index < len(image_sizes):
+            height, width = image_sizes[index]
+            image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+            out = processor(images=[image], return_tensors="pt")
+            count = int(out["image_grid_thw"].prod()) // config.vision.spatial_merge_size**2
+            ids += [config.vision_start_token_id, *[config.image_token_id] * count]
+            ids.append(config.vision_end_token_id)
+            grids.append(out["image_grid_thw"])
+            pixels.append(out["pixel_values"].to(torch.bfloat16))
+    supervised = torch.zeros(len(ids), dtype=torch.bool)
+    supervised[len(ids) // 2 :] = True
+    sample = {"input_ids": torch.tensor(ids), "supervised": supervised}
+    if grids:
+        sample["image_grid_thw"] = torch.cat(grids)
+        sample["pixel_values"] = torch.cat(pixels)
+    return sample
 
 
 def build_datasets(

@@ -36,6 +36,7 @@ MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}
 CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}
 PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}
 LAUNCHER=${LAUNCHER:-torchrun}
+DETERMINISTIC=${DETERMINISTIC:-0}
 DRY_RUN=${DRY_RUN:-0}
 
 # ---- fail fast on layouts megatron would reject later ----------------------------------------
@@ -79,7 +80,6 @@ ARGS=(
   --tokenizer-type NullTokenizer
   --dataset-provider "$DATASET" --dataloader-type external --num-workers 2
   --calculate-per-token-loss
-  --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
   --manual-gc --manual-gc-interval 50
   --log-interval 1 --log-throughput --log-params-norm --log-timers-to-tensorboard
   --log-memory-to-tensorboard --log-validation-ppl-to-tensorboard
@@ -87,6 +87,14 @@ ARGS=(
   --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
   --distributed-timeout-minutes 30
 )
+if [ "$DETERMINISTIC" = 1 ]; then
+  # Bitwise-reproducible runs: megatron's deterministic mode (torch Gated DeltaNet rule, TE and
+  # cuBLAS deterministic algorithms); it rejects the fused cross entropy. BSHD only.
+  [ "$PACKED" = 1 ] && die "DETERMINISTIC=1 needs BSHD batches (PACKED=0): megatron's deterministic Gated DeltaNet path does not take packed sequences"
+  ARGS+=(--deterministic-mode)
+else
+  ARGS+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl native)
+fi
 [ "$TP" -gt 1 ] && ARGS+=(--sequence-parallel)
 [ "$PACKED" = 1 ] && ARGS+=(--packed-sequence)
 [ -n "$DATA_PATH" ] && ARGS+=(--dataset-path "$DATA_PATH")

@@ -10,13 +10,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from data.collate import CollateConfig, pack_or_pad_batch
-from data.mock import qwen_image_processor
+from data.mock import interleaved_sample
 from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionConfig
 
 TINY_TOKENS = dict(
@@ -178,39 +176,14 @@ def load_hf_weights(model, hf_model, config: Qwen35VLConfig) -> None:
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def random_image(rng: np.random.Generator, height: int, width: int) -> Image.Image:
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
 def make_sample(
     config: Qwen35VLConfig,
     seed: int,
     text_lengths: Sequence[int],
     image_sizes: Sequence[tuple[int, int]],
 ) -> dict[str, torch.Tensor]:
-    """Text segments interleaved with images: text_lengths[0], image 0, text_lengths[1], ...
-    (len(text_lengths) == len(image_sizes) + 1). The second half of the tokens is supervised."""
-    rng = np.random.default_rng(seed)
-    ids: list[int] = []
-    processor = qwen_image_processor(32 * 32, 1024 * 32 * 32, config)
-    grids, pixels = [], []
-    for index, length in enumerate(text_lengths):
-        ids += rng.integers(0, TEXT_VOCAB, size=length).tolist()
-        if index < len(image_sizes):
-            out = processor(images=[random_image(rng, *image_sizes[index])], return_tensors="pt")
-            count = int(out["image_grid_thw"].prod()) // config.vision.spatial_merge_size**2
-            ids += [config.vision_start_token_id] + [config.image_token_id] * count
-            ids += [config.vision_end_token_id]
-            grids.append(out["image_grid_thw"])
-            pixels.append(out["pixel_values"])
-    input_ids = torch.tensor(ids)
-    supervised = torch.zeros(len(ids), dtype=torch.bool)
-    supervised[len(ids) // 2 :] = True
-    sample = {"input_ids": input_ids, "supervised": supervised}
-    if grids:
-        sample["image_grid_thw"] = torch.cat(grids)
-        sample["pixel_values"] = torch.cat(pixels)
-    return sample
+    """`data.mock.interleaved_sample` with the tiny test vocabulary's ordinary tokens."""
+    return interleaved_sample(config, seed, text_lengths, image_sizes, text_vocab=TEXT_VOCAB)
 
 
 def collate(

@@ -1,0 +1,247 @@
+"""Training throughput of our megatron Qwen3.5-VL against HF transformers, in one process on one
+GPU: the same config (9B widths, 3:1 Gated DeltaNet:attention, fewer layers), the same THD pack
+of mixed-length samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
+each side and the ratio, as one JSON line (plus a markdown row for docs/results.md).
+
+    python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10
+
+Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
+TE layers, fla kernels, packed THD. HF: `Qwen3_5ForConditionalGeneration` in pure bf16 with fused
+AdamW and sdpa attention (fla kernels when installed); the pack is one 8192-token row there, as HF
+has no packed-sequence path for Qwen3.5. FLOPs come from scripts/bench/flops.py (3 x forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from data.collate import THD, CollateConfig, pack_or_pad_batch  # noqa: E402
+from data.mock import interleaved_sample  # noqa: E402
+from models.qwen35_vl.configuration import get_variant, interleaved_layer_types  # noqa: E402
+from scripts.bench.flops import PEAK_BF16_TFLOPS, mfu, training_flops  # noqa: E402
+
+# (text segment lengths, image sizes (h, w)): mixed lengths, 1-2 images each.
+PACK_SAMPLES = [
+    ((900, 1500), ((448, 448),)),
+    ((300, 600, 400), ((224, 320), (320, 224))),
+    ((1200, 700), ((256, 384),)),
+    ((500, 300), ((384, 256),)),
+]
+
+
+def bench_config(layers: int):
+    """9B widths with `layers` decoder layers in the released 3:1 pattern, no MTP."""
+    nine_b = get_variant("9b")
+    text = dataclasses.replace(
+        nine_b.text,
+        num_hidden_layers=layers,
+        layer_types=interleaved_layer_types(layers),
+        mtp_num_hidden_layers=0,
+    )
+    return dataclasses.replace(nine_b, name=f"9b-widths-{layers}-layers", text=text)
+
+
+def make_pack(config, pack_tokens: int) -> tuple[list[dict], dict]:
+    """Samples filling `pack_tokens` (the last one is trimmed/extended with text)."""
+    samples = [
+        interleaved_sample(config, seed, lengths, images)
+        for seed, (lengths, images) in enumerate(PACK_SAMPLES)
+    ]
+    used = sum(s["input_ids"].numel() for s in samples[:-1])
+    last_text = pack_tokens - used - (samples[-1]["input_ids"].numel() - sum(PACK_SAMPLES[-1][0]))
+    lengths, images = PACK_SAMPLES[-1]
+    samples[-1] = interleaved_sample(config, 99, (lengths[0], last_text - lengths[0]), images)
+    collate = CollateConfig(
+        mode=THD,
+        seq_length=pack_tokens,
+        pad_token_id=0,
+        image_token_id=config.image_token_id,
+        vision=config.vision,
+        pad_multiple=8,
+    )
+    return samples, pack_or_pad_batch(samples, collate)
+
+
+def time_steps(step, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def megatron_side(config, batch, warmup: int, iters: int) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from forward_step import loss_func, model_position_ids, packed_seq_params, to_device
+    from models.qwen35_vl.factory import build_model
+
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    base = TransformerConfig(
+        num_layers=2,
+        hidden_size=config.text.hidden_size,
+        num_attention_heads=config.text.num_attention_heads,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        pipeline_dtype=torch.bfloat16,
+        calculate_per_token_loss=True,
+        cross_entropy_loss_fusion=True,
+        cross_entropy_fusion_impl="native",
+        bias_dropout_fusion=True,
+    )
+    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    language = model.language_model.config
+    model = Float16Module(language, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=True
+    )
+    model = DistributedDataParallel(language, ddp_config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=1e-5, bf16=True, use_distributed_optimizer=True, clip_grad=1.0
+        ),
+        [model],
+    )
+    language.finalize_model_grads_func = finalize_model_grads
+    language.no_sync_func = model.no_sync
+    gpu_batch = to_device(batch, torch.device("cuda"))
+    packed = packed_seq_params(gpu_batch)
+    positions = model_position_ids(gpu_batch["position_ids"], packed=True)
+    forward_backward = get_forward_backward_func()
+
+    def forward(data_iterator, model):
+        output = model(
+            input_ids=gpu_batch["input_ids"],
+            position_ids=positions,
+            vision_inputs=gpu_batch["vision"],
+            vision_rows=gpu_batch["vision_rows"],
+            labels=gpu_batch["labels"],
+            loss_mask=gpu_batch["loss_mask"],
+            packed_seq_params=packed,
+        )
+        return output, lambda output_tensor: loss_func(gpu_batch["loss_mask"], output_tensor)
+
+    def step():
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(
+            forward_step_func=forward,
+            data_iterator=iter(()),
+            model=[model],
+            num_microbatches=1,
+            seq_length=gpu_batch["input_ids"].shape[1],
+            micro_batch_size=1,
+        )
+        optimizer.step()
+
+    seconds = time_steps(step, warmup, iters)
+    memory = torch.cuda.max_memory_allocated() / 2**30
+    parallel_state.destroy_model_parallel()
+    return {"step_seconds": seconds, "max_memory_gib": memory}
+
+
+def hf_side(config, samples, warmup: int, iters: int) -> dict:
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    hf_config = config.to_hf_config(attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = Qwen3_5ForConditionalGeneration._from_config(hf_config, torch_dtype=torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.cat([s["input_ids"] for s in samples]).unsqueeze(0).cuda()
+    labels = ids.clone()
+    inputs = dict(
+        input_ids=ids,
+        labels=labels,
+        mm_token_type_ids=(ids == config.image_token_id).int(),
+        pixel_values=torch.cat([s["pixel_values"] for s in samples]).cuda(),
+        image_grid_thw=torch.cat([s["image_grid_thw"] for s in samples]).cuda(),
+    )
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        optimizer.step()
+
+    seconds = time_steps(step, warmup, iters)
+    return {"step_seconds": seconds, "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--pack-tokens", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29571")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    config = bench_config(args.layers)
+    samples, batch = make_pack(config, args.pack_tokens)
+    lengths = [s["input_ids"].numel() for s in samples]
+    grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
+    tokens = sum(lengths)
+    device = torch.cuda.get_device_name(0)
+    peak = PEAK_BF16_TFLOPS["H200" if "H200" in device else "H100 SXM"]
+
+    results = {"device": device, "config": config.name, "tokens_per_step": tokens, "peak": peak}
+    sides = [("megatron", lambda: megatron_side(config, batch, args.warmup, args.iters))]
+    if not args.skip_hf:
+        sides.append(("hf", lambda: hf_side(config, samples, args.warmup, args.iters)))
+    for name, run in sides:
+        torch.cuda.reset_peak_memory_stats()
+        measured = run()
+        gc.collect()
+        torch.cuda.empty_cache()
+        # HF attends over the whole row; ours over each packed sample.
+        seqs = lengths if name == "megatron" else [tokens]
+        flops = training_flops(config, seqs, grids, include_mtp=False).total
+        measured["tokens_per_s_per_gpu"] = tokens / measured["step_seconds"]
+        measured["model_tflops_per_gpu"] = flops / measured["step_seconds"] / 1e12
+        measured["mfu"] = mfu(flops, measured["step_seconds"], 1, peak)
+        results[name] = measured
+    if "hf" in results:
+        results["speedup_tokens_per_s"] = (
+            results["megatron"]["tokens_per_s_per_gpu"] / results["hf"]["tokens_per_s_per_gpu"]
+        )
+    print(json.dumps(results), flush=True)
+    for name in ("megatron", "hf"):
+        if name in results:
+            r = results[name]
+            print(
+                f"| {device} | {name} | {config.name} | {tokens} | "
+                f"{r['tokens_per_s_per_gpu']:,.0f} | {r['model_tflops_per_gpu']:.0f} | "
+                f"{100 * r['mfu']:.1f}% | {r['max_memory_gib']:.1f} |"
+            )
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

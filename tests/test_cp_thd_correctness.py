@@ -1,0 +1,200 @@
+"""Context parallelism with BSHD and packed THD batches: CP=N against CP=1 (GPU, torchrun).
+
+    torchrun --nproc-per-node 2 tests/test_cp_thd_correctness.py
+
+One process group runs CP=1, then CP=N (megatron's groups rebuilt between phases, weights pinned
+from one state dict, inputs from seeded generators): the proxy model with images, B=2, unequal
+sequence lengths, bf16. Losses are per-token means (sum of losses and of tokens all-reduced over
+CP); gradients are summed over CP, as megatron's DDP does over its data x context group. Also:
+BSHD and THD losses at CP=1 on equal-length sequences, and a THD pack of 3 sequences against each
+sequence alone. MTP is off here (its loss enters through megatron's training-loop scaling).
+
+Tolerances (bf16): loss relative difference <= 1e-3 and grad-norm relative difference <= 1e-2 —
+CP changes the reduction order of attention (ring/p2p partial softmax) and of the Gated DeltaNet
+all-to-all layout, which in bf16 moves results by ~1e-3. Packed vs alone: <= 1e-3 relative per
+sequence (different GEMM shapes pick different bf16 accumulation orders).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.gpu_harness import (
+    Check,
+    build_megatron,
+    collate,
+    init_distributed,
+    make_sample,
+    print_table,
+    set_model_parallel,
+)
+
+# Unequal lengths with images: (seed, text segment lengths, image sizes).
+UNEQUAL = [(21, (40, 300, 37), ((128, 224), (320, 96))), (22, (150, 91), ((160, 160),))]
+
+
+def proxy_config():
+    from models.qwen35_vl.configuration import get_variant
+
+    return get_variant("proxy").with_mtp_layers(0)
+
+
+def loss_and_grad_norm(model, cpu_batch, cp_group) -> tuple[float, float]:
+    """Per-token mean loss over all CP ranks and the norm of the CP-summed gradient."""
+    from forward_step import (
+        model_position_ids,
+        packed_seq_params,
+        partition_for_context_parallel,
+        to_device,
+    )
+
+    model.zero_grad(set_to_none=True)
+    batch = partition_for_context_parallel(to_device(cpu_batch, torch.device("cuda")), cp_group)
+    packed = packed_seq_params(batch)
+    losses = model(
+        input_ids=batch["input_ids"],
+        position_ids=model_position_ids(batch["position_ids"], packed is not None),
+        vision_inputs=batch["vision"],
+        vision_rows=batch["vision_rows"],
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        packed_seq_params=packed,
+        padding_mask=batch["padding_mask"],
+    )
+    mask = batch["loss_mask"].float()
+    local_sum = torch.sum(losses.float() * mask)
+    totals = torch.stack([local_sum.detach(), mask.sum()])
+    dist.all_reduce(totals, group=cp_group)
+    (local_sum / totals[1]).backward()
+    squares = torch.zeros((), device="cuda", dtype=torch.float64)
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, group=cp_group)
+            squares += parameter.grad.double().pow(2).sum()
+    return float(totals[0] / totals[1]), float(squares.sqrt())
+
+
+def per_sequence_losses(model, cpu_batch) -> list[float]:
+    """Mean loss of each sequence of a THD pack (CP=1)."""
+    from tests.gpu_harness import megatron_forward
+
+    losses = megatron_forward(model, cpu_batch, with_labels=True)[0].detach().float()
+    mask = cpu_batch["loss_mask"][0].cuda()
+    bounds = cpu_batch["cu_seqlens_padded"].tolist()
+    return [
+        float((losses[a:b] * mask[a:b]).sum() / mask[a:b].sum())
+        for a, b in itertools.pairwise(bounds)
+    ]
+
+
+def main() -> int:
+    from megatron.core import parallel_state
+
+    _, world = init_distributed()
+    config = proxy_config()
+    pad = 2 * world  # per-sequence multiple for CP=world (TP=1)
+    unequal = [make_sample(config, *spec) for spec in UNEQUAL]
+    equal = [make_sample(config, seed, (120, 248), ((192, 192),)) for seed in (31, 32)]
+    longest = max(s["input_ids"].numel() for s in unequal)
+    seq_length = -(-longest // pad) * pad
+    batches = {
+        "BSHD": collate(unequal, config, "bshd", seq_length, pad_multiple=pad),
+        "THD": collate(unequal, config, "thd", seq_length, pad_multiple=pad),
+    }
+
+    set_model_parallel(cp=1)
+    model = build_megatron(config, torch.bfloat16)
+    pinned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reference = {
+        mode: loss_and_grad_norm(model, batch, parallel_state.get_context_parallel_group())
+        for mode, batch in batches.items()
+    }
+    checks: list[Check] = []
+
+    equal_length = equal[0]["input_ids"].numel()
+    assert all(s["input_ids"].numel() == equal_length for s in equal)
+    cp1 = parallel_state.get_context_parallel_group()
+    bshd_loss, _ = loss_and_grad_norm(model, collate(equal, config, "bshd", equal_length), cp1)
+    thd_loss, _ = loss_and_grad_norm(model, collate(equal, config, "thd", equal_length), cp1)
+    checks.append(
+        Check(
+            "BSHD vs THD loss at CP=1 (equal lengths) |diff|",
+            abs(bshd_loss - thd_loss),
+            5e-8,
+            f"BSHD {bshd_loss:.8f} THD {thd_loss:.8f} (7 decimals)",
+        )
+    )
+
+    three = [
+        make_sample(config, seed, (n, 30), ((96, 160),))
+        for seed, n in ((41, 60), (42, 200), (43, 9))
+    ]
+    pack = collate(three, config, "thd", seq_length=512, pad_multiple=8)
+    packed_losses = per_sequence_losses(model, pack)
+    alone = [per_sequence_losses(model, collate([s], config, "thd", 512, 8))[0] for s in three]
+    worst = max(abs(p - a) / abs(a) for p, a in zip(packed_losses, alone, strict=True))
+    checks.append(
+        Check(
+            "THD pack of 3 vs each alone, max rel",
+            worst,
+            1e-3,
+            " / ".join(f"{p:.5f}~{a:.5f}" for p, a in zip(packed_losses, alone, strict=True)),
+        )
+    )
+    del model
+    torch.cuda.empty_cache()
+
+    if world > 1:
+        set_model_parallel(cp=world)
+        model = build_megatron(config, torch.bfloat16)
+        model.load_state_dict(pinned)
+        cp_group = parallel_state.get_context_parallel_group()
+        for mode, batch in batches.items():
+            loss, norm = loss_and_grad_norm(model, batch, cp_group)
+            ref_loss, ref_norm = reference[mode]
+            lengths = [s["input_ids"].numel() for s in unequal]
+            shape = f"{tuple(batch['input_ids'].shape)}, lengths {lengths}"
+            checks.append(
+                Check(
+                    f"{mode} CP={world} vs CP=1 loss rel",
+                    abs(loss - ref_loss) / abs(ref_loss),
+                    1e-3,
+                    f"{loss:.6f} vs {ref_loss:.6f}; bf16; {shape}",
+                )
+            )
+            checks.append(
+                Check(
+                    f"{mode} CP={world} vs CP=1 grad-norm rel",
+                    abs(norm - ref_norm) / ref_norm,
+                    1e-2,
+                    f"{norm:.5f} vs {ref_norm:.5f}",
+                )
+            )
+    ok = print_table(f"CP/THD correctness, proxy, world {world}", checks)
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (torchrun script)")
+def test_cp_thd_correctness():
+    gpus = min(torch.cuda.device_count(), 2)
+    script = os.path.abspath(__file__)
+    subprocess.run(["torchrun", "--nproc-per-node", str(gpus), script], check=True)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
