@@ -157,10 +157,17 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
     if not args.packed_sequence and args.total_seq_length % multiple:
         raise ValueError(
             f"--total-seq-length {args.total_seq_length} must be a multiple of {multiple} "
-            f"(2 x CP {args.context_parallel_size}"
-            f"{' x TP ' + str(args.tensor_model_parallel_size) if args.sequence_parallel else ''})"
-            " for BSHD batches; change --total-seq-length or CP/TP"
+            f"({pad_multiple_reason(args)}) for BSHD batches; change --total-seq-length or CP/TP"
         )
+
+
+def pad_multiple_reason(args: argparse.Namespace) -> str:
+    parts = []
+    if args.context_parallel_size > 1:
+        parts.append(f"2 x CP {args.context_parallel_size}")
+    if args.sequence_parallel:
+        parts.append(f"TP {args.tensor_model_parallel_size} with sequence parallelism")
+    return " x ".join(parts) or "no constraint"
 
 
 def pad_multiple(args: argparse.Namespace) -> int:

@@ -77,16 +77,19 @@ def partition_for_context_parallel(batch: dict[str, Any], cp_group) -> dict[str,
 
 
 def packed_seq_params(batch: dict[str, Any]) -> PackedSeqParams | None:
-    """THD metadata: real lengths for attention masking, padded lengths for the layout (TE's
-    `cu_seqlens_*_padded`), which also drive the CP split, GDN and RoPE."""
+    """THD metadata from the padded boundaries (TE's `cu_seqlens_*_padded` convention), which
+    drive the CP split, the Gated DeltaNet segments and RoPE. Attention also uses them: each
+    sequence's padding sits after its last token, so causal attention never lets real tokens
+    see it, while a padded row with no keys at all would give TE undefined gradients."""
     if batch.get("cu_seqlens_padded") is None:
         return None
+    cu_seqlens = batch["cu_seqlens_padded"]
     return PackedSeqParams(
         qkv_format="thd",
-        cu_seqlens_q=batch["cu_seqlens"],
-        cu_seqlens_kv=batch["cu_seqlens"],
-        cu_seqlens_q_padded=batch["cu_seqlens_padded"],
-        cu_seqlens_kv_padded=batch["cu_seqlens_padded"],
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        cu_seqlens_q_padded=cu_seqlens,
+        cu_seqlens_kv_padded=cu_seqlens,
         max_seqlen_q=batch["max_seqlen"],
         max_seqlen_kv=batch["max_seqlen"],
     )

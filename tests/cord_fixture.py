@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ EVAL_SIZES = ((240, 480), (560, 200), (300, 300))
 
 @dataclass(frozen=True)
 class FixtureRow:
-    """What one parquet row holds: `kind` is ok, long, corrupt_image, not_json or no_gt_parse."""
+    """What one parquet row holds. `kind`: ok, long, corrupt_image (random bytes),
+    truncated_image (a PNG cut short: its header reads, decoding fails), not_json, no_gt_parse."""
 
     kind: str
     gt_parse: dict[str, Any] | None
@@ -286,13 +288,20 @@ def split_rows(
         good = rows[0][1]
         noise = rng.integers(0, 256, size=512, dtype=np.uint8).tobytes()
         corrupt = {"image": {"bytes": noise, "path": "corrupt.jpg"}}
-        corrupt["ground_truth"] = good["ground_truth"]
+        cut = {"image": {"bytes": good["image"]["bytes"][:400], "path": "cut.png"}}
+        for record in (corrupt, cut):
+            record["ground_truth"] = good["ground_truth"]
         not_json = {"image": good["image"], "ground_truth": '{"gt_parse": {"menu": ['}
         no_parse = {"image": good["image"], "ground_truth": json.dumps({"meta": {}})}
-        # Between good rows, so skipping has a next good row that is not a wrap-around.
-        rows.insert(2, (FixtureRow("corrupt_image", None, None), corrupt))
-        rows.insert(5, (FixtureRow("not_json", None, rows[0][0].size), not_json))
-        rows.insert(6, (FixtureRow("no_gt_parse", None, rows[0][0].size), no_parse))
+        size = rows[0][0].size
+        # Between good rows, so a skipped row's next good row is not a wrap-around.
+        for position, row in (
+            (2, (FixtureRow("corrupt_image", None, None), corrupt)),
+            (5, (FixtureRow("not_json", None, size), not_json)),
+            (6, (FixtureRow("no_gt_parse", None, size), no_parse)),
+            (8, (FixtureRow("truncated_image", None, size), cut)),
+        ):
+            rows.insert(position, row)
     return rows
 
 
@@ -314,8 +323,9 @@ def write_fixture(
 ) -> CordFixture:
     """Write DIR/tokenizer (tokenizer + image processor) and DIR/data/{split}-*.parquet.
 
-    Train has 7 good rows, then the over-long row (`long_row`); `bad_rows` inserts a corrupt
-    image, a ground truth that is not JSON and one without gt_parse. `train_shards` spreads the
+    Train has 7 good rows, then the over-long row (`long_row`); `bad_rows` inserts, at train rows
+    2, 5, 6 and 8, random image bytes, a ground truth that is not JSON, one without gt_parse and
+    a truncated PNG. `train_shards` spreads the
     train rows over that many shards (row groups of 3 rows everywhere)."""
     root = Path(out)
     fixture = CordFixture(root=root, tokenizer_dir=root / "tokenizer")
@@ -331,7 +341,7 @@ def write_fixture(
         count = train_shards if split == "train" else 1
         bounds = np.linspace(0, len(rows), count + 1).round().astype(int)
         fixture.shards[split] = []
-        for shard, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        for shard, (start, stop) in enumerate(itertools.pairwise(bounds)):
             path = data_dir / f"{split}-{shard:05d}-of-{count:05d}.parquet"
             records = [record for _, record in rows[start:stop]]
             pq.write_table(

@@ -84,7 +84,7 @@ def test_from_hf_config_round_trip_except_mtp(name):
     config = get_variant(name)
     back = from_hf_config(config.to_hf_config(), name="round-trip")
     assert back.vision == config.vision
-    # The MTP depth is checked separately (see the xfail below).
+    # The MTP depth is checked separately (test_from_hf_config_round_trip_keeps_mtp_layers).
     assert dataclasses.replace(back.text, mtp_num_hidden_layers=0) == dataclasses.replace(
         config.text, mtp_num_hidden_layers=0
     )
@@ -102,11 +102,6 @@ def test_from_hf_config_round_trip_of_dict(name):
     assert back.vision == config.vision
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="to_hf_config() does not write text_config.mtp_num_hidden_layers, so "
-    "from_hf_config(cfg.to_hf_config()) returns mtp_num_hidden_layers=0 for variants with 1",
-)
 @pytest.mark.parametrize("name", ROUND_TRIP_VARIANTS)
 def test_from_hf_config_round_trip_keeps_mtp_layers(name):
     config = get_variant(name)

@@ -5,8 +5,11 @@ qkv row layout.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from transformers import Qwen3_5MoeForConditionalGeneration
 
 from models.qwen35_vl import hf_weights
 from models.qwen35_vl.configuration import get_variant
@@ -14,8 +17,8 @@ from models.qwen35_vl.hf_weights import (
     expert_parallel_name,
     fuse_experts,
     gather_tensor_parallel,
-    hf_to_megatron,
     hf_tensor_shapes,
+    hf_to_megatron,
     megatron_to_hf,
     shard_for_tensor_parallel,
     split_fused_experts,
@@ -41,11 +44,25 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
     return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
+@functools.cache
+def _state_with_mtp(name: str) -> dict[str, torch.Tensor]:
+    """Random HF checkpoint of a variant with its MTP layer (built once per session)."""
+    return random_state(checkpoint_shapes(get_variant(name).with_mtp_layers(1)))
+
+
+def hf_state_for(name: str, mtp: int) -> dict[str, torch.Tensor]:
+    """A fresh dict (shared tensors) of the variant's checkpoint, without `mtp.*` for mtp=0."""
+    state = _state_with_mtp(name)
+    return {k: v for k, v in state.items() if mtp or not k.startswith("mtp.")}
+
+
 @pytest.fixture(scope="module", params=CASES, ids=case_id)
 def config_and_state(request):
     name, mtp = request.param
     config = get_variant(name).with_mtp_layers(mtp)
-    return config, random_state(checkpoint_shapes(config))
+    state = hf_state_for(name, mtp)
+    assert {k: tuple(v.shape) for k, v in state.items()} == checkpoint_shapes(config)
+    return config, state
 
 
 def test_hf_to_megatron_to_hf_is_bit_exact(config_and_state):
@@ -87,24 +104,28 @@ def test_megatron_to_hf_ignores_extra_state(config_and_state):
 
 def test_split_and_fuse_experts_round_trip():
     config = get_variant("proxy-moe").with_mtp_layers(1)
-    model_shapes = {}
-    from transformers import Qwen3_5MoeForConditionalGeneration
-
+    t = config.text
+    checkpoint = hf_state_for("proxy-moe", 1)
+    fused = fuse_experts(checkpoint, config)
+    # The fused dict has exactly the tensors of transformers' model (plus the MTP layer's
+    # per-expert tensors, which transformers does not model).
     with torch.device("meta"):
         model = Qwen3_5MoeForConditionalGeneration(config.to_hf_config())
-    model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    fused = random_state(model_shapes, seed=3)
-    # Add the MTP layer's per-expert tensors, which transformers does not model.
-    fused.update(random_state(hf_weights.mtp_tensor_shapes(config), seed=4))
-    split = split_fused_experts(fused, config)
-    t = config.text
-    assert "model.language_model.layers.0.mlp.experts.gate_up_proj" not in split
+    model_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    mtp_names = {name for name in checkpoint if name.startswith("mtp.")}
+    assert set(fused) == set(model_shapes) | mtp_names
+    for name, shape in model_shapes.items():
+        assert tuple(fused[name].shape) == shape, name
     gate_up = fused["model.language_model.layers.2.mlp.experts.gate_up_proj"]
     assert gate_up.shape == (t.num_experts, 2 * t.moe_intermediate_size, t.hidden_size)
     assert torch.equal(
-        split["model.language_model.layers.2.mlp.experts.5.up_proj.weight"],
         gate_up[5, t.moe_intermediate_size :],
+        checkpoint["model.language_model.layers.2.mlp.experts.5.up_proj.weight"],
     )
+    split = split_fused_experts(fused, config)
+    assert set(split) == set(checkpoint)
+    for name, tensor in checkpoint.items():
+        assert torch.equal(split[name], tensor), name
     back = fuse_experts(split, config)
     assert set(back) == set(fused)
     for name, tensor in fused.items():
@@ -119,7 +140,7 @@ def test_fuse_experts_is_identity_for_dense():
 
 def test_missing_and_unexpected_hf_tensors_are_named():
     config = get_variant("proxy").with_mtp_layers(0)
-    hf_state = random_state(checkpoint_shapes(config))
+    hf_state = hf_state_for("proxy", 0)
     missing = "model.language_model.layers.3.self_attn.k_proj.weight"
     del hf_state[missing]
     hf_state["model.language_model.layers.3.self_attn.bogus.weight"] = torch.zeros(1)
@@ -132,16 +153,16 @@ def test_missing_and_unexpected_hf_tensors_are_named():
 
 def test_mtp_checkpoint_loaded_without_mtp_config_names_mtp_tensors():
     config = get_variant("proxy").with_mtp_layers(1)
-    hf_state = random_state(checkpoint_shapes(config))
+    hf_state = hf_state_for("proxy", 1)
     with pytest.raises(KeyError, match=r"unexpected \['mtp\."):
         hf_to_megatron(hf_state, config.with_mtp_layers(0))
 
 
 def test_missing_megatron_tensor_is_named():
     config = get_variant("proxy").with_mtp_layers(0)
-    megatron = hf_to_megatron(random_state(checkpoint_shapes(config)), config)
+    megatron = hf_to_megatron(hf_state_for("proxy", 0), config)
     del megatron["vision.merger.norm.bias"]
-    with pytest.raises(KeyError, match="vision.merger.norm.bias"):
+    with pytest.raises(KeyError, match=r"vision\.merger\.norm\.bias"):
         megatron_to_hf(megatron, config)
 
 
@@ -153,7 +174,7 @@ def test_more_than_one_mtp_layer_is_refused():
 @pytest.mark.parametrize("name", ["proxy", "proxy-moe"])
 def test_tensor_parallel_shard_and_gather_round_trip(name):
     config = get_variant(name).with_mtp_layers(1)
-    megatron = hf_to_megatron(random_state(checkpoint_shapes(config)), config)
+    megatron = hf_to_megatron(hf_state_for(name, 1), config)
     split_rules = 0
     for rule in weight_rules(config):
         tensor = megatron[rule.megatron]
@@ -212,8 +233,12 @@ def test_attention_qkv_layout_is_grouped_q_gate_k_v():
     # Each row's value encodes (kind, head, dim): kind 0 = q, 1 = gate, 2 = k, 3 = v.
     q_rows = [(is_gate, head, d) for head in range(heads) for is_gate in (0, 1) for d in range(dim)]
     q_proj = torch.tensor([[1000 * 1000 * g + 1000 * h + d] * hidden for g, h, d in q_rows])
-    k_proj = torch.tensor([[2_000_000 + 1000 * h + d] * hidden for h in range(groups) for d in range(dim)])
-    v_proj = torch.tensor([[3_000_000 + 1000 * h + d] * hidden for h in range(groups) for d in range(dim)])
+    k_proj = torch.tensor(
+        [[2_000_000 + 1000 * h + d] * hidden for h in range(groups) for d in range(dim)]
+    )
+    v_proj = torch.tensor(
+        [[3_000_000 + 1000 * h + d] * hidden for h in range(groups) for d in range(dim)]
+    )
     rule = next(r for r in weight_rules(config) if r.kind == "attention_qkv")
     qkv = rule.to_megatron([q_proj, k_proj, v_proj])
     expected = []
@@ -235,7 +260,12 @@ def test_vision_qkv_layout_is_per_head_q_k_v():
     v = config.vision
     rule = next(r for r in weight_rules(config) if r.kind == "vision_qkv")
     # HF fused qkv rows: [q (all heads), k (all heads), v (all heads)].
-    rows = [(kind, head, d) for kind in range(3) for head in range(v.num_heads) for d in range(v.head_dim)]
+    rows = [
+        (kind, head, d)
+        for kind in range(3)
+        for head in range(v.num_heads)
+        for d in range(v.head_dim)
+    ]
     hf = torch.tensor([1_000_000 * k + 1000 * h + d for k, h, d in rows])
     megatron = rule.to_megatron([hf])
     expected = [
@@ -252,7 +282,13 @@ def test_patch_embed_is_flattened_conv_kernel():
     config = get_variant("proxy")
     shape = hf_tensor_shapes(config)["model.visual.patch_embed.proj.weight"]
     v = config.vision
-    assert shape == (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    assert shape == (
+        v.hidden_size,
+        v.in_channels,
+        v.temporal_patch_size,
+        v.patch_size,
+        v.patch_size,
+    )
     rule = next(r for r in weight_rules(config) if r.kind == "patch_embed")
     kernel = torch.randn(shape)
     flat = rule.to_megatron([kernel])

@@ -1,11 +1,13 @@
-"""Training through `scripts/run_qwen35_vl.sh` / megatron's `pretrain()` on one GPU: the loss falls,
-a resumed run reproduces the uninterrupted one exactly, and a run killed with SIGKILL resumes
-from its last checkpoint. Run directly (python tests/test_training_resume.py [OUT_DIR]); pytest
-skips it without CUDA.
+"""Training through `scripts/run_qwen35_vl.sh` / megatron's `pretrain()` on one GPU: the loss falls
+over 300 iterations, a run resumed from the iteration-100 checkpoint reproduces the uninterrupted
+one, and a run killed with SIGKILL resumes from its last checkpoint. Run directly
+(python tests/test_training_resume.py [OUT_DIR]); pytest skips it without CUDA.
 
-Exactness: both runs use DETERMINISTIC=1 (megatron's deterministic mode: torch Gated DeltaNet rule,
-deterministic TE / cuBLAS / NCCL), so the resumed losses must equal the uninterrupted ones
-bit for bit (compared as the float32 TensorBoard scalars).
+Exactness: with DETERMINISTIC=1 (megatron's deterministic mode: torch Gated DeltaNet rule,
+deterministic TE / cuBLAS / NCCL) resumed losses must equal the uninterrupted ones bit for bit
+(float32 TensorBoard scalars; a 40-iteration pair resumed at 20). The default fast path uses fla's
+Gated DeltaNet kernels, whose backward accumulates with atomics, so the same step can differ in
+the last bits: there the resumed losses must agree to 1e-4 relative.
 """
 
 from __future__ import annotations
@@ -86,32 +88,50 @@ def main(out: str) -> int:
     os.makedirs(out, exist_ok=True)
     checks: list[Check] = []
     ckpt = os.path.join(out, "ckpt")
-    deterministic = dict(DETERMINISTIC="1", TRAIN_ITERS=str(ITERS), SAVE_INTERVAL=str(SAVE_AT))
-    full = scalars(run(out, "full", CKPT_SAVE=ckpt, **deterministic), "lm loss")
-    first, last = full[1], sum(full[i] for i in range(ITERS - 9, ITERS + 1)) / 10
-    checks.append(
-        Check("loss: mean of last 10 / first", last / first, 0.6, f"{first:.3f} -> {last:.3f}")
+    full = scalars(
+        run(out, "full", CKPT_SAVE=ckpt, TRAIN_ITERS=str(ITERS), SAVE_INTERVAL=str(SAVE_AT)),
+        "lm loss",
     )
+    first, last = full[1], sum(full[i] for i in range(ITERS - 9, ITERS + 1)) / 10
+    ratio = last / first
+    checks.append(Check("loss: mean of last 10 / first", ratio, 0.7, f"{first:.3f} -> {last:.3f}"))
 
+    stop = SAVE_AT + 50
     resumed = scalars(
         run(
             out,
             "resumed",
-            ("--ckpt-step", str(SAVE_AT)),
+            ("--ckpt-step", str(SAVE_AT), "--exit-interval", str(stop)),
             CKPT_LOAD=ckpt,
-            CKPT_SAVE=os.path.join(out, "ckpt_resumed"),
-            **deterministic,
+            TRAIN_ITERS=str(ITERS),
         ),
         "lm loss",
     )
-    steps = [i for i in range(SAVE_AT + 1, ITERS + 1)]
-    mismatched = [i for i in steps if resumed.get(i) != full[i]]
+    steps = range(SAVE_AT + 1, stop + 1)
+    worst = max(abs(resumed[i] - full[i]) / abs(full[i]) for i in steps)
+    exact = sum(resumed[i] == full[i] for i in steps)
     checks.append(
         Check(
-            f"resume at {SAVE_AT}: iterations differing from uninterrupted",
+            f"fla path, resume at {SAVE_AT}: max rel loss difference",
+            worst,
+            1e-4,
+            f"iterations {SAVE_AT + 1}-{stop}, {exact}/{len(steps)} bitwise equal",
+        )
+    )
+
+    det = dict(DETERMINISTIC="1", TRAIN_ITERS="40", SAVE_INTERVAL="20")
+    det_ckpt = os.path.join(out, "det_ckpt")
+    det_full = scalars(run(out, "det_full", CKPT_SAVE=det_ckpt, **det), "lm loss")
+    det_resumed = scalars(
+        run(out, "det_resumed", ("--ckpt-step", "20"), CKPT_LOAD=det_ckpt, **det), "lm loss"
+    )
+    mismatched = [i for i in range(21, 41) if det_resumed.get(i) != det_full[i]]
+    checks.append(
+        Check(
+            "deterministic, resume at 20: iterations not bitwise equal",
             len(mismatched),
             0,
-            f"{len(steps)} compared bitwise; first: {mismatched[:3]}",
+            f"20 compared; first differing: {mismatched[:3]}",
         )
     )
 

@@ -368,6 +368,7 @@ class Qwen35VLConfig:
             rms_norm_eps=t.rms_norm_eps,
             tie_word_embeddings=t.tie_word_embeddings,
             max_position_embeddings=t.max_position_embeddings,
+            mtp_num_hidden_layers=t.mtp_num_hidden_layers,
             rope_parameters=dict(
                 rope_type="default",
                 rope_theta=t.rope_theta,

@@ -1,0 +1,204 @@
+"""The launcher `scripts/run_qwen35_vl.sh` in DRY_RUN mode (megatron's own argument validation on
+the CPU): every variant plans, parallel layouts that should work do, and bad settings fail with a
+message naming the fix. Each dry run is a subprocess of ~5-20 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from arguments import validate_multimodal_args
+from models.qwen35_vl.configuration import get_variant
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "run_qwen35_vl.sh")
+PYTHON = os.path.join(REPO_ROOT, ".venv", "bin", "python")
+if not os.path.exists(PYTHON):
+    PYTHON = sys.executable
+
+VARIANTS = [
+    "proxy",
+    "proxy-moe",
+    "0.8b",
+    "2b",
+    "4b",
+    "9b",
+    "27b",
+    "35b_a3b",
+    "122b_a10b",
+    "397b",
+    "397b_a17b",
+]
+# Every knob the launcher reads (`NAME=${NAME:-default}`), cleared from the inherited
+# environment so each run sees only the knobs its test sets.
+with open(SCRIPT) as script:
+    KNOBS = set(re.findall(r"\b([A-Z_]+)=\$\{\1:-", script.read())) | {"GPUS_PER_NODE"}
+
+
+def dry_run(tmp_path, **knobs: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    env.update(
+        DRY_RUN="1",
+        PYTHON=PYTHON,
+        GPUS_PER_NODE="1",
+        TB_DIR=str(tmp_path / "tensorboard"),  # megatron opens a writer even in a dry run
+        RUN_DIR=str(tmp_path / "run"),
+    )
+    env.update(knobs)
+    return subprocess.run(
+        ["bash", SCRIPT],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DRY RUN qwen35_vl" in result.stdout
+    assert "exiting (DRY_RUN)" in result.stdout
+    return result.stdout
+
+
+def assert_fails(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "DRY RUN qwen35_vl" not in result.stdout
+    for needle in needles:
+        assert needle in result.stderr, f"{needle!r} not in:\n{result.stderr[-3000:]}"
+    return result.stderr
+
+
+def test_knobs_found_in_script():
+    assert {"MODEL_VARIANT", "TP", "CP", "EP", "PP", "SEQ_LEN", "DATASET", "DRY_RUN"} <= KNOBS
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_dry_runs(tmp_path, variant):
+    out = assert_ok(dry_run(tmp_path, MODEL_VARIANT=variant))
+    config = get_variant(variant)
+    counts = config.parameter_counts()
+    assert f"DRY RUN qwen35_vl / {config.name} " in out
+    assert f"parameters (HF-equivalent): total {counts.total:,} " in out
+    assert f"active {counts.active:,} " in out
+    assert "world 1 = TP 1 x CP 1 x PP 1 x DP 1" in out
+    t = config.text
+    assert f"decoder: {t.num_hidden_layers} layers" in out
+    if t.is_moe:
+        assert f"MoE {t.num_experts} experts top-{t.num_experts_per_tok}" in out
+    else:
+        assert f"dense MLP {t.intermediate_size}" in out
+
+
+def test_397b_on_128_gpus(tmp_path):
+    out = assert_ok(
+        dry_run(tmp_path, MODEL_VARIANT="397b", EP="64", NNODES="16", GPUS_PER_NODE="8")
+    )
+    assert "world 128 = TP 1 x CP 1 x PP 1 x DP 128; EP 64" in out
+    assert "torchrun would start 128 processes (16 node(s) x 8 GPU(s))" in out
+    assert "global 128," in out
+
+
+def test_fsdp(tmp_path):
+    out = assert_ok(dry_run(tmp_path, FSDP="1", GPUS_PER_NODE="2"))
+    assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2" in out
+    assert "megatron-fsdp (optim_grads_params)" in out
+
+
+def test_tp_cp_packed(tmp_path):
+    out = assert_ok(dry_run(tmp_path, TP="2", CP="2", GPUS_PER_NODE="4", PACKED="1"))
+    assert "world 4 = TP 2 x CP 2 x PP 1 x DP 1" in out
+    assert "sequence parallel on" in out
+    assert "THD packed, pad multiple 8" in out
+
+
+def test_moe_expert_parallel(tmp_path):
+    out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EP="2", GPUS_PER_NODE="2"))
+    assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2; EP 2" in out
+    assert "MoE 16 experts top-4" in out
+
+
+@pytest.mark.parametrize(
+    ("knobs", "needles"),
+    [
+        (
+            {"MODEL_VARIANT": "nope"},
+            ["MODEL_VARIANT", "unknown Qwen3.5-VL variant 'nope'", "valid variants:", "397b_a17b"],
+        ),
+        ({"MODEL_VARIANT": "9b", "EP": "2"}, ["EP=2", "dense", "use EP=1"]),
+        ({"PP": "2"}, ["PP=2", "pipeline parallelism is not supported", "use PP=1"]),
+        ({"TP": "3", "GPUS_PER_NODE": "2"}, ["world size 2", "is not divisible by TP x CP"]),
+        ({"CP_COMM_TYPE": "bogus"}, ["CP_COMM_TYPE=bogus", "p2p, a2a"]),
+        ({"DATASET": "nope"}, ["unknown dataset provider 'nope'", "cord_v2, mock"]),
+        (
+            {"SEQ_LEN": "1001", "CP": "2", "GPUS_PER_NODE": "2"},
+            ["seq-length should be a multiple of 2 * context-parallel-size"],
+        ),
+        (
+            {"SEQ_LEN": "1001", "TP": "2", "GPUS_PER_NODE": "2"},
+            ["--total-seq-length 1001 must be a multiple of 2"],
+        ),
+        ({"DETERMINISTIC": "1", "PACKED": "1"}, ["DETERMINISTIC=1 needs BSHD", "PACKED=0"]),
+    ],
+    ids=[
+        "bad-variant",
+        "ep-on-dense",
+        "pp",
+        "world-not-divisible",
+        "cp-comm-type",
+        "bad-dataset",
+        "seq-len-cp",
+        "seq-len-tp-sp",
+        "deterministic-packed",
+    ],
+)
+def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):
+    assert_fails(dry_run(tmp_path, **knobs), *needles)
+
+
+def test_cord_v2_without_data_path_names_the_flag(tmp_path):
+    assert_fails(dry_run(tmp_path, DATASET="cord_v2"), "cord_v2 dataset needs --dataset-path")
+
+
+def megatron_like_args(**overrides) -> SimpleNamespace:
+    args = dict(
+        total_seq_length=1001,
+        seq_length=1001,
+        pipeline_model_parallel_size=1,
+        dataloader_type="external",
+        calculate_per_token_loss=True,
+        model_name="qwen35_vl",
+        model_variant="proxy",
+        hf_config_path=None,
+        mtp_num_layers=None,
+        expert_model_parallel_size=1,
+        packed_sequence=False,
+        context_parallel_size=1,
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+    )
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def test_seq_length_check_names_the_multiple():
+    with pytest.raises(ValueError, match="--total-seq-length 1001 must be a multiple of 8"):
+        validate_multimodal_args(megatron_like_args(context_parallel_size=2))
+    packed = megatron_like_args(context_parallel_size=2, packed_sequence=True)
+    validate_multimodal_args(packed)
+    assert packed.total_seq_length == 1001
+
+
+def test_seq_length_message_arithmetic_without_cp():
+    with pytest.raises(ValueError) as error:
+        validate_multimodal_args(megatron_like_args())
+    message = str(error.value)
+    assert "must be a multiple of 2 " in message
+    assert "2 x CP 1 x TP 2" not in message
