@@ -101,6 +101,22 @@ def model_position_ids(position_ids: Tensor, packed: bool) -> Tensor:
     return position_ids[:, 0] if packed else position_ids
 
 
+def run_model(model, batch: dict[str, Any], with_labels: bool = True) -> Tensor:
+    """The model on a device batch (already CP-partitioned): per-token losses, or logits
+    without labels."""
+    packed = packed_seq_params(batch)
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=model_position_ids(batch["position_ids"], packed is not None),
+        vision_inputs=batch["vision"],
+        vision_rows=batch["vision_rows"],
+        labels=batch["labels"] if with_labels else None,
+        loss_mask=batch["loss_mask"] if with_labels else None,
+        packed_seq_params=packed,
+        padding_mask=batch["padding_mask"],
+    )
+
+
 def get_batch(data_iterator, cp_group) -> dict[str, Any]:
     """Next micro-batch on this GPU, partitioned for context parallelism."""
     batch = to_device(next(data_iterator), torch.device("cuda", torch.cuda.current_device()))
@@ -127,15 +143,4 @@ def forward_step(data_iterator, model):
     timers("batch-generator", log_level=2).start()
     batch = get_batch(data_iterator, parallel_state.get_context_parallel_group())
     timers("batch-generator").stop()
-    packed = packed_seq_params(batch)
-    output_tensor = model(
-        input_ids=batch["input_ids"],
-        position_ids=model_position_ids(batch["position_ids"], packed is not None),
-        vision_inputs=batch["vision"],
-        vision_rows=batch["vision_rows"],
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        packed_seq_params=packed,
-        padding_mask=batch["padding_mask"],
-    )
-    return output_tensor, partial(loss_func, batch["loss_mask"])
+    return run_model(model, batch), partial(loss_func, batch["loss_mask"])

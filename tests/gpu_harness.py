@@ -220,20 +220,9 @@ def hf_inputs(sample: dict[str, torch.Tensor], config: Qwen35VLConfig, dtype) ->
 
 def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
     """Logits [B, S, V] (or per-token losses with labels) for a collated CPU batch."""
-    from forward_step import model_position_ids, packed_seq_params, to_device
+    from forward_step import run_model, to_device
 
-    batch = to_device(batch, torch.device("cuda"))
-    packed = packed_seq_params(batch)
-    return model(
-        input_ids=batch["input_ids"],
-        position_ids=model_position_ids(batch["position_ids"], packed is not None),
-        vision_inputs=batch["vision"],
-        vision_rows=batch["vision_rows"],
-        labels=batch["labels"] if with_labels else None,
-        loss_mask=batch["loss_mask"] if with_labels else None,
-        packed_seq_params=packed,
-        padding_mask=batch["padding_mask"],
-    )
+    return run_model(model, to_device(batch, torch.device("cuda")), with_labels)
 
 
 # ---- reporting ----------------------------------------------------------------------------------

@@ -51,26 +51,11 @@ def proxy_config():
 
 def loss_and_grad_norm(model, cpu_batch, cp_group) -> tuple[float, float]:
     """Per-token mean loss over all CP ranks and the norm of the CP-summed gradient."""
-    from forward_step import (
-        model_position_ids,
-        packed_seq_params,
-        partition_for_context_parallel,
-        to_device,
-    )
+    from forward_step import partition_for_context_parallel, run_model, to_device
 
     model.zero_grad(set_to_none=True)
     batch = partition_for_context_parallel(to_device(cpu_batch, torch.device("cuda")), cp_group)
-    packed = packed_seq_params(batch)
-    losses = model(
-        input_ids=batch["input_ids"],
-        position_ids=model_position_ids(batch["position_ids"], packed is not None),
-        vision_inputs=batch["vision"],
-        vision_rows=batch["vision_rows"],
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        packed_seq_params=packed,
-        padding_mask=batch["padding_mask"],
-    )
+    losses = run_model(model, batch)
     mask = batch["loss_mask"].float()
     local_sum = torch.sum(losses.float() * mask)
     totals = torch.stack([local_sum.detach(), mask.sum()])

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from arguments import validate_multimodal_args
+from models import get_model_entry
 from models.qwen35_vl.configuration import get_variant
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,19 +23,7 @@ PYTHON = os.path.join(REPO_ROOT, ".venv", "bin", "python")
 if not os.path.exists(PYTHON):
     PYTHON = sys.executable
 
-VARIANTS = [
-    "proxy",
-    "proxy-moe",
-    "0.8b",
-    "2b",
-    "4b",
-    "9b",
-    "27b",
-    "35b_a3b",
-    "122b_a10b",
-    "397b",
-    "397b_a17b",
-]
+VARIANTS = get_model_entry("qwen35_vl").variant_names()
 # Every knob the launcher reads (`NAME=${NAME:-default}`), cleared from the inherited
 # environment so each run sees only the knobs its test sets.
 with open(SCRIPT) as script:

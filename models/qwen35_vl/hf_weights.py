@@ -190,18 +190,10 @@ def _mlp_rules(config: Qwen35VLConfig, meg: str, hf: str) -> Iterator[WeightRule
     """MLP / MoE half of one decoder layer."""
     t = config.text
     if not t.is_moe:
-        mlp = meg + "mlp."
         yield WeightRule(
-            mlp + "linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
+            meg + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
         )
-        yield WeightRule(
-            mlp + "linear_fc1.weight",
-            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-            "concat",
-            COLUMN,
-            sections=(t.intermediate_size,) * 2,
-        )
-        yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.down_proj.weight",), tp=ROW)
+        yield from _gated_mlp_rules(meg + "mlp.", hf + "mlp.", t.intermediate_size)
         return
     yield WeightRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",))
     yield WeightRule(meg + "mlp.router.weight", (hf + "mlp.gate.weight",))
@@ -216,20 +208,24 @@ def _mlp_rules(config: Qwen35VLConfig, meg: str, hf: str) -> Iterator[WeightRule
         yield WeightRule(
             f"{meg}mlp.experts.linear_fc2.weight{e}", (expert + "down_proj.weight",), expert=True
         )
-    shared = hf + "mlp.shared_expert."
-    yield WeightRule(
-        meg + "mlp.shared_experts.linear_fc1.weight",
-        (shared + "gate_proj.weight", shared + "up_proj.weight"),
-        "concat",
-        COLUMN,
-        sections=(t.shared_expert_intermediate_size,) * 2,
-    )
-    yield WeightRule(
-        meg + "mlp.shared_experts.linear_fc2.weight", (shared + "down_proj.weight",), tp=ROW
+    yield from _gated_mlp_rules(
+        meg + "mlp.shared_experts.", hf + "mlp.shared_expert.", t.shared_expert_intermediate_size
     )
     yield WeightRule(
         meg + "mlp.shared_experts.gate_weight", (hf + "mlp.shared_expert_gate.weight",)
     )
+
+
+def _gated_mlp_rules(meg: str, hf: str, width: int) -> Iterator[WeightRule]:
+    """SwiGLU MLP: megatron's fc1 is [gate; up] (split per section over TP), fc2 is down."""
+    yield WeightRule(
+        meg + "linear_fc1.weight",
+        (hf + "gate_proj.weight", hf + "up_proj.weight"),
+        "concat",
+        COLUMN,
+        sections=(width, width),
+    )
+    yield WeightRule(meg + "linear_fc2.weight", (hf + "down_proj.weight",), tp=ROW)
 
 
 def _language_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:

@@ -95,7 +95,7 @@ def megatron_side(config, batch, warmup: int, iters: int) -> dict:
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from forward_step import loss_func, model_position_ids, packed_seq_params, to_device
+    from forward_step import loss_func, run_model, to_device
     from models.qwen35_vl.factory import build_model
 
     parallel_state.initialize_model_parallel()
@@ -128,20 +128,10 @@ def megatron_side(config, batch, warmup: int, iters: int) -> dict:
     language.finalize_model_grads_func = finalize_model_grads
     language.no_sync_func = model.no_sync
     gpu_batch = to_device(batch, torch.device("cuda"))
-    packed = packed_seq_params(gpu_batch)
-    positions = model_position_ids(gpu_batch["position_ids"], packed=True)
     forward_backward = get_forward_backward_func()
 
     def forward(data_iterator, model):
-        output = model(
-            input_ids=gpu_batch["input_ids"],
-            position_ids=positions,
-            vision_inputs=gpu_batch["vision"],
-            vision_rows=gpu_batch["vision_rows"],
-            labels=gpu_batch["labels"],
-            loss_mask=gpu_batch["loss_mask"],
-            packed_seq_params=packed,
-        )
+        output = run_model(model, gpu_batch)
         return output, lambda output_tensor: loss_func(gpu_batch["loss_mask"], output_tensor)
 
     def step():
