@@ -85,11 +85,12 @@ class Qwen35LanguageModel(HybridModel):
             output_weight = self.shared_embedding_or_output_weight()
 
         if self.mtp_process:
-            # MTP embeds the next tokens itself; the text axis stands in for its position ids,
-            # which a model without learned position embeddings ignores.
+            # MTP embeds the next tokens itself. The embedding has no position table, so the
+            # position ids MTP rolls alongside the tokens are unused: the (CP-local) token ids
+            # stand in for them, keeping their shape right under THD + CP.
             hidden_states = self.mtp(
                 input_ids=input_ids,
-                position_ids=position_ids[0] if position_ids.dim() == 3 else position_ids[:1],
+                position_ids=input_ids,
                 hidden_states=hidden_states,
                 attention_mask=None,
                 rotary_pos_emb=rotary_pos_emb,
@@ -168,12 +169,10 @@ class Qwen35VLModel(MegatronModule):
         if vision_inputs is None:
             return embeddings
         features = self.vision(vision_inputs)
-        expected = int(vision_inputs.grid_thw.prod(-1).sum()) // (
-            self.model_config.vision.spatial_merge_size**2
-        )
-        if features.shape[0] != expected:
+        if features.shape[0] != vision_inputs.num_merged_tokens:
             raise ValueError(
-                f"vision tower returned {features.shape[0]} features for {expected} image tokens"
+                f"vision tower returned {features.shape[0]} features for "
+                f"{vision_inputs.num_merged_tokens} image tokens"
             )
         rows = vision_rows.transpose(0, 1)  # [S, B]
         tp_group = self.pg_collection.tp

@@ -23,7 +23,8 @@ class VisionInputs:
     """Per-batch vision metadata, computed once on the CPU in the data path.
 
     `pixel_values`: [num_patches, C * T * P * P]; `grid_thw`: [num_images, 3] patch grids;
-    `cu_seqlens`: per-frame attention boundaries; `rotary_position_ids`: [num_patches, 2] (row,
+    `cu_seqlens`: per-frame attention boundaries (longest: `max_seqlen`); `num_merged_tokens`: the
+    image tokens these images fill; `rotary_position_ids`: [num_patches, 2] (row,
     col) in merge-block order; `interp_indices` / `interp_weights`: [num_patches, 4] bilinear
     taps into the learned position table.
     """
@@ -32,6 +33,7 @@ class VisionInputs:
     grid_thw: Tensor
     cu_seqlens: Tensor
     max_seqlen: int
+    num_merged_tokens: int
     rotary_position_ids: Tensor
     interp_indices: Tensor
     interp_weights: Tensor
@@ -52,6 +54,7 @@ class VisionInputs:
             grid_thw=grid_thw,
             cu_seqlens=cu_seqlens,
             max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            num_merged_tokens=int(grid_thw.prod(-1).sum()) // config.spatial_merge_size**2,
             rotary_position_ids=get_vision_position_ids(grid_thw, config.spatial_merge_size),
             interp_indices=indices,
             interp_weights=weights,
