@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from megatron.training.datasets.data_samplers import MegatronPretrainingRandomSampler
 from torch.utils.data import DataLoader, Dataset
 
@@ -54,14 +55,16 @@ def build_loader(
         micro_batch_size=micro_batch_size,
         data_parallel_rank=data_parallel_rank,
         data_parallel_size=data_parallel_size,
-        data_sharding=True,
+        # One permutation shared by all DP ranks (rank r takes every DP-th sample): a global
+        # batch holds the same samples whatever the DP size, so layouts can be compared.
+        data_sharding=False,
     )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(pack_or_pad_batch, config=collate),
         num_workers=num_workers,
-        pin_memory=True,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
     return cycle_epochs(loader)
