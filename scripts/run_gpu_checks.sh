@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
+# summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
+# Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
+#   scripts/run_gpu_checks.sh parity|training|cord|bench            OUT_DIR   # one GPU
+#   scripts/run_gpu_checks.sh cp|layouts|cp_curve                    OUT_DIR   # two GPUs
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STEP=${1:?step: parity, training, cord, bench, cp, layouts or cp_curve}
+OUT=$(realpath -m "${2:?output directory}")/$STEP
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python3}
+
+table() { grep -E "^\||^###" "$1" | grep -v "^|---\|^| check" ; }
+train() {  # name, then VAR=value ... for scripts/run_qwen35_vl.sh
+  local name=$1; shift
+  env RUN_DIR="$OUT/$name" EVAL_INTERVAL=1000 EVAL_ITERS=0 "$@" ./scripts/run_qwen35_vl.sh \
+    > "$OUT/$name.log" 2>&1 || echo "$name failed: see $OUT/$name.log"
+  grep -E "iteration +[0-9]+/" "$OUT/$name.log" | sed -n '1p;$p' | cut -c1-260
+}
+first_losses() {  # print iteration-1 'lm loss' of each named run (float32 TensorBoard scalars)
+  "$PYTHON" - "$OUT" "$@" <<'PY'
+import sys
+from tests.test_training_resume import scalars
+out, names = sys.argv[1], sys.argv[2:]
+for name in names:
+    losses = scalars(f"{out}/{name}/tensorboard", "lm loss")
+    print(f"| {name} | iteration 1 lm loss {losses.get(1, float('nan')):.7f} | "
+          f"last {losses[max(losses)]:.4f} at {max(losses)} |")
+PY
+}
+
+case "$STEP" in
+  parity)
+    timeout 560 torchrun --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1
+    table "$OUT/parity.log" ;;
+  training)
+    timeout 580 "$PYTHON" tests/test_training_resume.py "$OUT/runs" > "$OUT/training.log" 2>&1
+    table "$OUT/training.log"
+    rm -rf "$OUT"/runs/*ckpt* ;;
+  cord)
+    "$PYTHON" -m tests.cord_fixture --out "$OUT/data" > "$OUT/fixture.log" 2>&1
+    for packed in 0 1; do
+      train "cord_packed$packed" DATASET=cord_v2 DATA_PATH="$OUT/data" \
+        HF_TOKENIZER_PATH="$OUT/data/tokenizer" PACKED=$packed MODEL_VARIANT=proxy \
+        TRAIN_ITERS=100 SEQ_LEN=1024 GBS=4 LR=1e-4
+    done
+    first_losses cord_packed0 cord_packed1
+    rm -rf "$OUT/data/data" ;;
+  bench)
+    layers=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print ($1 > 100000) ? 8 : 4}')
+    timeout 580 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" > "$OUT/bench.log" 2>&1
+    grep -E "^\{|^\|" "$OUT/bench.log" ;;
+  cp)
+    timeout 560 torchrun --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
+    table "$OUT/cp.log" ;;
+  layouts)
+    common=(MODEL_VARIANT=proxy TRAIN_ITERS=50 SEQ_LEN=1024 GBS=8)
+    train one_gpu "${common[@]}" GPUS_PER_NODE=1
+    train tp2 "${common[@]}" TP=2 GPUS_PER_NODE=2
+    train fsdp "${common[@]}" FSDP=1 GPUS_PER_NODE=2
+    train ep2 MODEL_VARIANT=proxy-moe TRAIN_ITERS=50 SEQ_LEN=1024 GBS=8 EP=2 GPUS_PER_NODE=2
+    first_losses one_gpu tp2 fsdp ep2 ;;
+  cp_curve)
+    common=(MODEL_VARIANT=proxy PACKED=1 TRAIN_ITERS=30 SEQ_LEN=2048 GBS=8)
+    train thd_cp1 "${common[@]}" GPUS_PER_NODE=1
+    train thd_cp2 "${common[@]}" CP=2 GPUS_PER_NODE=2
+    first_losses thd_cp1 thd_cp2
+    "$PYTHON" - "$OUT" <<'PY'
+import sys
+from tests.test_training_resume import scalars
+one, two = (scalars(f"{sys.argv[1]}/{n}/tensorboard", "lm loss") for n in ("thd_cp1", "thd_cp2"))
+steps = sorted(set(one) & set(two))
+worst = max(abs(two[i] - one[i]) / one[i] for i in steps)
+print(f"| CP=2 vs CP=1 THD loss curve | {len(steps)} iterations | max rel diff {worst:.2e} |")
+PY
+    ;;
+  *) echo "unknown step $STEP" >&2; exit 2 ;;
+esac
