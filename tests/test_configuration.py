@@ -145,44 +145,30 @@ def test_layer_types_are_three_linear_then_one_full():
     ) * 3 + (FULL_ATTENTION,)
 
 
+SMALL_TEXT = dict(
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    linear_num_value_heads=8,
+)
+
+
 def test_mismatched_mrope_section_raises():
     with pytest.raises(ValueError, match="mrope_section"):
-        TextConfig(
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            linear_num_value_heads=8,
-            intermediate_size=1024,
-            mrope_section=(11, 11, 11),
-        )
+        TextConfig(**SMALL_TEXT, intermediate_size=1024, mrope_section=(11, 11, 11))
 
 
 def test_dense_and_moe_are_exclusive():
-    base = dict(
-        hidden_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        linear_num_value_heads=8,
-    )
     with pytest.raises(ValueError, match="exactly one"):
-        TextConfig(**base)
+        TextConfig(**SMALL_TEXT)
     with pytest.raises(ValueError, match="exactly one"):
-        TextConfig(**base, intermediate_size=1024, num_experts=4, num_experts_per_tok=2)
+        TextConfig(**SMALL_TEXT, intermediate_size=1024, num_experts=4, num_experts_per_tok=2)
 
 
 def test_layer_types_length_checked():
     with pytest.raises(ValueError, match="layer_types has 3 entries"):
-        TextConfig(
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            linear_num_value_heads=8,
-            intermediate_size=1024,
-            layer_types=(LINEAR_ATTENTION,) * 3,
-        )
+        TextConfig(**SMALL_TEXT, intermediate_size=1024, layer_types=(LINEAR_ATTENTION,) * 3)
 
 
 def test_vision_out_hidden_size_must_match_text():

@@ -298,7 +298,9 @@ def megatron_to_hf(
 
 
 def hf_tensor_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the HF checkpoint tensors (from an HF model built on the meta device)."""
+    """Shapes of the HF checkpoint tensors (checkpoint layout), from an HF model built on the
+    meta device; the `mtp.*` tensors, which transformers does not model, are those of its first
+    full-attention layer plus fc [H, 2H] and three norms."""
     from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     model_class = (
@@ -312,76 +314,31 @@ def hf_tensor_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
         name: tuple(tensor.shape)
         for name, tensor in split_fused_experts(model.state_dict(), config).items()
     }
-    shapes.update(mtp_tensor_shapes(config))
+    t = config.text
+    if t.mtp_num_hidden_layers:
+        h = t.hidden_size
+        layer = f"{HF_TEXT}layers.{t.layer_types.index(FULL_ATTENTION)}."
+        shapes.update(
+            {
+                "mtp.fc.weight": (h, 2 * h),
+                "mtp.pre_fc_norm_embedding.weight": (h,),
+                "mtp.pre_fc_norm_hidden.weight": (h,),
+                "mtp.norm.weight": (h,),
+            }
+        )
+        shapes.update(
+            {
+                "mtp.layers.0." + name[len(layer) :]: shape
+                for name, shape in list(shapes.items())
+                if name.startswith(layer)
+            }
+        )
     return shapes
 
 
 def mtp_tensor_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
-    """HF shapes of the `mtp.*` tensors, which transformers does not model: those of a decoder
-    layer of the same kind (full attention) plus fc [H, 2H] and three norms."""
-    t = config.text
-    if not t.mtp_num_hidden_layers:
-        return {}
-    h = t.hidden_size
-    layer = f"{HF_TEXT}layers.{t.layer_types.index(FULL_ATTENTION)}."
-    template = hf_layer_shapes(config)
-    shapes = {
-        "mtp.fc.weight": (h, 2 * h),
-        "mtp.pre_fc_norm_embedding.weight": (h,),
-        "mtp.pre_fc_norm_hidden.weight": (h,),
-        "mtp.norm.weight": (h,),
-    }
-    for name, shape in template.items():
-        if name.startswith(layer):
-            shapes["mtp.layers.0." + name[len(layer) :]] = shape
-    return shapes
-
-
-def hf_layer_shapes(config: Qwen35VLConfig) -> dict[str, tuple[int, ...]]:
-    """HF shapes of the language layers' tensors (checkpoint layout), from the config alone."""
-    t = config.text
-    h, d = t.hidden_size, t.head_dim
-    shapes: dict[str, tuple[int, ...]] = {}
-    key_dim = t.linear_num_key_heads * t.linear_key_head_dim
-    value_dim = t.linear_num_value_heads * t.linear_value_head_dim
-    for i, layer_type in enumerate(t.layer_types):
-        p = f"{HF_TEXT}layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if layer_type == FULL_ATTENTION:
-            shapes[p + "self_attn.q_proj.weight"] = (2 * t.num_attention_heads * d, h)
-            shapes[p + "self_attn.k_proj.weight"] = (t.num_key_value_heads * d, h)
-            shapes[p + "self_attn.v_proj.weight"] = (t.num_key_value_heads * d, h)
-            shapes[p + "self_attn.o_proj.weight"] = (h, t.num_attention_heads * d)
-            shapes[p + "self_attn.q_norm.weight"] = (d,)
-            shapes[p + "self_attn.k_norm.weight"] = (d,)
-        else:
-            g = p + "linear_attn."
-            shapes[g + "in_proj_qkv.weight"] = (2 * key_dim + value_dim, h)
-            shapes[g + "in_proj_z.weight"] = (value_dim, h)
-            shapes[g + "in_proj_b.weight"] = (t.linear_num_value_heads, h)
-            shapes[g + "in_proj_a.weight"] = (t.linear_num_value_heads, h)
-            shapes[g + "conv1d.weight"] = (2 * key_dim + value_dim, 1, t.linear_conv_kernel_dim)
-            shapes[g + "A_log"] = (t.linear_num_value_heads,)
-            shapes[g + "dt_bias"] = (t.linear_num_value_heads,)
-            shapes[g + "norm.weight"] = (t.linear_value_head_dim,)
-            shapes[g + "out_proj.weight"] = (h, value_dim)
-        if t.is_moe:
-            i_moe, i_shared = t.moe_intermediate_size, t.shared_expert_intermediate_size
-            shapes[p + "mlp.gate.weight"] = (t.num_experts, h)
-            for e in range(t.num_experts):
-                shapes[f"{p}mlp.experts.{e}.gate_proj.weight"] = (i_moe, h)
-                shapes[f"{p}mlp.experts.{e}.up_proj.weight"] = (i_moe, h)
-                shapes[f"{p}mlp.experts.{e}.down_proj.weight"] = (h, i_moe)
-            shapes[p + "mlp.shared_expert.gate_proj.weight"] = (i_shared, h)
-            shapes[p + "mlp.shared_expert.up_proj.weight"] = (i_shared, h)
-            shapes[p + "mlp.shared_expert.down_proj.weight"] = (h, i_shared)
-            shapes[p + "mlp.shared_expert_gate.weight"] = (1, h)
-        else:
-            shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, h)
-            shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, t.intermediate_size)
-    return shapes
+    """HF shapes of the `mtp.*` tensors alone."""
+    return {k: v for k, v in hf_tensor_shapes(config).items() if k.startswith("mtp.")}
 
 
 def split_fused_experts(
