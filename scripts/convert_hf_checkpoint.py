@@ -1,47 +1,77 @@
-"""Convert Qwen3.5-VL weights between a Hugging Face checkpoint and megatron's tensor layout,
-streaming tensor by tensor (peak memory stays near one output file, not the model).
+"""Convert Qwen3.5-VL weights between a Hugging Face checkpoint and a megatron-core `torch_dist`
+checkpoint, streaming tensor by tensor (peak memory stays near one output part, not the model).
 
-    python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out OUT --tp 2 --ep 4
-    python scripts/convert_hf_checkpoint.py export --megatron-path OUT --out HF_DIR
+    python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out CKPT [--tp 2 --ep 4]
+    python scripts/convert_hf_checkpoint.py export --megatron-path CKPT --out HF_DIR
 
-`import` writes, per (TP rank, EP rank), the tensors that rank's megatron model holds (names and
-slices from models/qwen35_vl/hf_weights.py) as size-bounded safetensors files with an index;
-`export` gathers them back into HF safetensors shards, config.json and the index, which
-`transformers` loads with `from_pretrained`. MTP tensors (`mtp.*`) travel both ways when present.
+`import` writes CKPT/release/ and CKPT/latest_checkpointed_iteration.txt = "release", megatron's
+convention for a fine-tuning start: `--load CKPT` loads the weights, starts at iteration 0 and
+builds a fresh optimizer. The checkpoint fits every parallel layout; `--tp` / `--ep` check that
+the one you will train with divides the model. `export` reads such a checkpoint, or one saved by
+training (the save directory or one `iter_*` directory), and writes HF safetensors shards, config
+and index that `transformers` loads with `from_pretrained`. MTP tensors (`mtp.*`) travel both
+ways when present.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import os
+import pickle
 import resource
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.default_planner import (
+    DefaultSavePlanner,
+    create_default_global_save_plan,
+)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from models.qwen35_vl.checkpoint_layout import (  # noqa: E402
+    TensorChunk,
+    extra_state_objects,
+    megatron_shape,
+    tensor_chunks,
+)
 from models.qwen35_vl.configuration import Qwen35VLConfig, from_hf_config  # noqa: E402
 from models.qwen35_vl.hf_weights import (  # noqa: E402
     WeightRule,
-    expert_parallel_name,
-    gather_tensor_parallel,
     hf_tensor_shapes,
     shard_for_tensor_parallel,
     weight_rules,
 )
 
-LAYOUT_FILE = "megatron_layout.json"
+# One process writes and reads the whole checkpoint; DCP warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
 INDEX_FILE = "model.safetensors.index.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+HF_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# megatron's checkpoint_version for checkpoints written by current megatron-core.
+CHECKPOINT_VERSION = 3.0
 
 
 class TensorSource:
@@ -64,11 +94,29 @@ class TensorSource:
     def names(self) -> set[str]:
         return set(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         file = self.weight_map[name]
         if file not in self._open:
             self._open[file] = safe_open(os.path.join(self.directory, file), "pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, read from the file header (no tensor data)."""
+        return _SAFETENSORS_DTYPES[self._file(name).get_slice(name).get_dtype()]
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+}
 
 
 class ShardWriter:
@@ -115,16 +163,16 @@ class ShardWriter:
 
 
 class Progress:
-    """Counts tensors and bytes; prints a progress line with tensors/s and MB/s."""
+    """Counts tensors and bytes; prints a progress line with tensors/s and MiB/s."""
 
     def __init__(self, total: int, label: str) -> None:
         self.total, self.label = total, label
         self.done = self.bytes = 0
         self.start = time.perf_counter()
 
-    def step(self, tensor: torch.Tensor) -> None:
+    def step(self, nbytes: int) -> None:
         self.done += 1
-        self.bytes += tensor.numel() * tensor.element_size()
+        self.bytes += nbytes
         if self.done == self.total or self.done % 50 == 0:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             print(
@@ -176,124 +224,299 @@ def check_layout(
         raise ValueError(f"layout TP={tp} EP={ep} does not fit the model: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
-class RankFiles:
-    tp_rank: int
-    ep_rank: int
+class _ProducingPlanner(DefaultSavePlanner):
+    """DCP save planner for precomputed write items whose data is produced only when written,
+    so that one part of the checkpoint is in memory at a time."""
 
-    @property
-    def directory(self) -> str:
-        return f"tp{self.tp_rank:02d}_ep{self.ep_rank:03d}"
+    def __init__(self, items: list[WriteItem], produce: Callable[[WriteItem], object]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.items, self.produce = items, produce
 
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        super().set_up_planner({}, storage_meta, is_coordinator)
 
-def rank_tensors(
-    rules: list[WeightRule],
-    source: TensorSource,
-    config: Qwen35VLConfig,
-    rank: RankFiles,
-    tp: int,
-    ep: int,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(megatron name, tensor) pairs this rank holds, read one HF tensor group at a time."""
-    for rule in rules:
-        if rule.expert:
-            owner, local = expert_parallel_name(rule.megatron, config.text.num_experts, ep)
-            if owner != rank.ep_rank:
-                continue
-            yield local, rule.to_megatron([source.get(n) for n in rule.hf])
-            continue
-        full = rule.to_megatron([source.get(n) for n in rule.hf])
-        yield rule.megatron, shard_for_tensor_parallel(rule, full, rank.tp_rank, tp).clone()
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self.items)
+        return self.plan
+
+    def create_global_plan(self, all_plans: list[SavePlan]):
+        # A key's chunks may span several parts: coverage is checked once all parts are written.
+        self.global_plan, self.metadata = create_default_global_save_plan(all_plans)
+        return self.global_plan, self.metadata
+
+    def resolve_data(self, write_item: WriteItem):
+        return self.produce(write_item)
 
 
-def import_checkpoint(
-    hf_path: str, out: str, tp: int, ep: int, max_bytes: int = DEFAULT_SHARD_BYTES
-) -> dict:
-    source = TensorSource(hf_path)
-    config = load_hf_config(hf_path, source)
-    rules = weight_rules(config)
+def _serialized(value: object) -> io.BytesIO:
+    """A ShardedObject's stored form in megatron's torch_dist format: torch.save of [value]."""
+    buffer = io.BytesIO()
+    torch.save([value], buffer)
+    buffer.seek(0)
+    return buffer
+
+
+class DistCheckpointWriter:
+    """Writes a megatron-core `torch_dist` checkpoint (PyTorch DCP files, `metadata.json`) in
+    parts of about `max_bytes`: each part is one DCP save of lazily produced chunks, and the
+    parts' metadata are merged into the checkpoint's `.metadata` at the end."""
+
+    def __init__(self, directory: str, max_bytes: int) -> None:
+        os.makedirs(directory, exist_ok=True)
+        if os.listdir(directory):
+            raise FileExistsError(f"{directory} is not empty; choose a new --out directory")
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: list[tuple[WriteItem, Callable[[], object]]] = []
+        self.pending_bytes = 0
+        self.parts: list[Metadata] = []
+
+    def add_tensor(
+        self, chunk: TensorChunk, dtype: torch.dtype, produce: Callable[[], torch.Tensor]
+    ) -> None:
+        offsets = torch.Size(chunk.offset)
+        item = WriteItem(
+            index=MetadataIndex(chunk.key, offsets),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(chunk.shape)),
+                properties=TensorProperties(dtype=dtype),
+                size=torch.Size(chunk.global_shape),
+            ),
+        )
+        self.pending.append((item, produce))
+        self.pending_bytes += torch.Size(chunk.shape).numel() * dtype.itemsize
+        if self.pending_bytes >= self.max_bytes:
+            self.flush()
+
+    def add_object(self, unique_key: str, value: object) -> None:
+        item = WriteItem(index=MetadataIndex(unique_key), type=WriteItemType.BYTE_IO)
+        self.pending.append((item, lambda: _serialized(value)))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        producers = {item.index: produce for item, produce in self.pending}
+        planner = _ProducingPlanner(
+            [item for item, _ in self.pending], lambda item: producers[item.index]()
+        )
+        number = len(self.parts)
+        with tempfile.TemporaryDirectory(dir=self.directory) as part:
+            writer = dcp.FileSystemWriter(part, single_file_per_rank=True, thread_count=1)
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+            metadata = dcp.FileSystemReader(part).read_metadata()
+            renamed = {}
+            for name in os.listdir(part):
+                if name.endswith(".distcp"):
+                    renamed[name] = f"__{number}_{name.split('_')[-1]}"
+                    os.replace(
+                        os.path.join(part, name), os.path.join(self.directory, renamed[name])
+                    )
+        metadata.storage_data = {
+            index: dataclasses.replace(info, relative_path=renamed[info.relative_path])
+            for index, info in metadata.storage_data.items()
+        }
+        self.parts.append(metadata)
+        self.pending, self.pending_bytes = [], 0
+
+    def close(self, common_state: dict) -> Metadata:
+        """Write the common state (megatron's `common_state` object), the merged `.metadata`
+        and `metadata.json`; checks that the chunks of every tensor cover it exactly."""
+        from megatron.core.dist_checkpointing import ShardedObject
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+        self.add_object(ShardedObject("common_state", None, (1,), (0,)).unique_key, common_state)
+        self.flush()
+        merged = dataclasses.replace(self.parts[0], state_dict_metadata={}, storage_data={})
+        for part in self.parts:
+            merged.storage_data.update(part.storage_data)
+            for key, entry in part.state_dict_metadata.items():
+                if key not in merged.state_dict_metadata:
+                    merged.state_dict_metadata[key] = dataclasses.replace(entry)
+                    if isinstance(entry, TensorStorageMetadata):
+                        merged.state_dict_metadata[key].chunks = list(entry.chunks)
+                elif isinstance(entry, TensorStorageMetadata):
+                    merged.state_dict_metadata[key].chunks.extend(entry.chunks)
+        for key, entry in merged.state_dict_metadata.items():
+            if isinstance(entry, TensorStorageMetadata):
+                stored = sum(chunk.sizes.numel() for chunk in entry.chunks)
+                if stored != entry.size.numel():
+                    raise RuntimeError(
+                        f"{key}: chunks hold {stored} of {entry.size.numel()} values"
+                    )
+        # The same serialisation as torch's FileSystemWriter.finish (read back by FileSystemReader).
+        with open(os.path.join(self.directory, ".metadata"), "wb") as f:
+            pickle.dump(merged, f)
+        save_config(CheckpointingConfig("torch_dist", 1), self.directory)
+        return merged
+
+
+def check_tensor_names(config: Qwen35VLConfig, rules: list[WeightRule], names: set[str]) -> None:
     expected = {name for rule in rules for name in rule.hf}
-    missing, unexpected = sorted(expected - source.names()), sorted(source.names() - expected)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
     if missing or unexpected:
         raise KeyError(
             f"checkpoint tensors do not match a {config.text.num_hidden_layers}-layer "
-            f"Qwen3.5{'-MoE' if config.text.is_moe else ''} model: missing {missing[:20]}, "
-            f"unexpected {unexpected[:20]}"
+            f"Qwen3.5{'-MoE' if config.text.is_moe else ''} model: {len(missing)} missing "
+            f"{missing[:20]}, {len(unexpected)} unexpected {unexpected[:20]}"
         )
-    check_layout(rules, hf_tensor_shapes(config), config, tp, ep)
-    os.makedirs(out, exist_ok=True)
-    ranks = [RankFiles(t, e) for e in range(ep) for t in range(tp)]
-    per_rank = sum(1 for r in rules if not r.expert) + sum(1 for r in rules if r.expert) // ep
-    progress = Progress(per_rank * len(ranks), "import")
-    for rank in ranks:
-        writer = ShardWriter(os.path.join(out, rank.directory), "model", max_bytes)
-        for name, tensor in rank_tensors(rules, source, config, rank, tp, ep):
-            writer.add(name, tensor)
-            progress.step(tensor)
-        writer.close()
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
-        if os.path.exists(os.path.join(hf_path, name)):
-            shutil.copy(os.path.join(hf_path, name), os.path.join(out, name))
-    layout = {
-        "tp": tp,
-        "ep": ep,
-        "mtp_num_hidden_layers": config.text.mtp_num_hidden_layers,
-        "ranks": [r.directory for r in ranks],
-        "peak_memory_mib": peak_memory_mib(),
-    }
-    with open(os.path.join(out, LAYOUT_FILE), "w") as f:
-        json.dump(layout, f, indent=2)
-    return layout
 
 
-def export_checkpoint(megatron_path: str, out: str, max_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+class _LastTensor:
+    """Remembers the last megatron tensor built, so that the sections of one tensor (Gated
+    DeltaNet's in_proj) are produced from one read of its HF tensors."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source, self.rule, self.tensor = source, None, None
+
+    def chunk(self, rule: WeightRule, chunk: TensorChunk) -> torch.Tensor:
+        if rule is not self.rule:
+            self.rule, self.tensor = None, None
+            self.tensor = rule.to_megatron([self.source.get(n) for n in rule.hf])
+            self.rule = rule
+        return chunk.take(self.tensor).contiguous()
+
+
+def import_checkpoint(
+    hf_path: str, out: str, tp: int = 1, ep: int = 1, max_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict:
+    """HF safetensors -> megatron torch_dist release checkpoint under `out`."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    source = TensorSource(hf_path)
+    config = load_hf_config(hf_path, source)
+    rules = weight_rules(config)
+    check_tensor_names(config, rules, source.names())
+    hf_shapes = hf_tensor_shapes(config)
+    check_layout(rules, hf_shapes, config, tp, ep)
+    writer = DistCheckpointWriter(os.path.join(out, "release"), max_bytes)
+    planned = [
+        (rule, chunk, source.dtype(rule.hf[0]))
+        for rule in rules
+        for chunk in tensor_chunks(rule, megatron_shape(rule, hf_shapes), config)
+    ]
+    progress = Progress(len(planned), "import (chunks)")
+    last = _LastTensor(source)
+
+    def produce(rule: WeightRule, chunk: TensorChunk) -> torch.Tensor:
+        tensor = last.chunk(rule, chunk)
+        progress.step(tensor.nbytes)
+        return tensor
+
+    for rule, chunk, dtype in planned:
+        writer.add_tensor(chunk, dtype, lambda r=rule, c=chunk: produce(r, c))
+    for obj in extra_state_objects(rules, config):
+        unique_key = ShardedObject(obj.key, None, obj.global_shape, obj.offset).unique_key
+        writer.add_object(unique_key, obj.value())
+    writer.close({"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0})
+    with open(os.path.join(out, TRACKER_FILE), "w") as f:
+        f.write("release")
+    copy_hf_files(hf_path, out)
+    return {"tensors": len(rules), "parts": len(writer.parts), "peak_memory_mib": peak_memory_mib()}
+
+
+def copy_hf_files(source: str, destination: str) -> None:
+    for name in HF_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(destination, name))
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The directory holding the DCP files: `path` itself, or the one its tracker file names."""
+    tracker = os.path.join(path, TRACKER_FILE)
+    if os.path.exists(tracker):
+        with open(tracker) as f:
+            step = f.read().strip()
+        return os.path.join(path, "release" if step == "release" else f"iter_{int(step):07d}")
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    raise FileNotFoundError(f"{path} holds neither {TRACKER_FILE} nor a torch_dist checkpoint")
+
+
+class CheckpointTensors:
+    """Reads global tensors of a torch_dist checkpoint by key, keeping the last one (all experts
+    of a layer share one key)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+        self.key, self.tensor = None, None
+
+    def get(self, key: str) -> torch.Tensor:
+        if key != self.key:
+            entry = self.metadata.get(key)
+            if not isinstance(entry, TensorStorageMetadata):
+                raise KeyError(f"{self.directory} has no tensor {key!r}")
+            self.key, self.tensor = None, None
+            target = {key: torch.empty(entry.size, dtype=entry.properties.dtype)}
+            dcp.load(target, storage_reader=dcp.FileSystemReader(self.directory), no_dist=True)
+            self.key, self.tensor = key, target[key]
+        return self.tensor
+
+
+def export_checkpoint(
+    megatron_path: str,
+    out: str,
+    hf_config_dir: str | None = None,
+    max_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """megatron torch_dist checkpoint -> HF safetensors; the HF config comes from
+    `hf_config_dir` or, by default, the one `import` kept next to the checkpoint."""
     from transformers import AutoConfig
 
-    with open(os.path.join(megatron_path, LAYOUT_FILE)) as f:
-        layout = json.load(f)
-    tp, ep = layout["tp"], layout["ep"]
-    config = from_hf_config(AutoConfig.from_pretrained(megatron_path), name=megatron_path)
-    config = config.with_mtp_layers(layout["mtp_num_hidden_layers"])
-    sources = {
-        (t, e): TensorSource(os.path.join(megatron_path, RankFiles(t, e).directory))
-        for t in range(tp)
-        for e in range(ep)
-    }
+    config_dir = hf_config_dir or megatron_path
+    if not os.path.exists(os.path.join(config_dir, "config.json")):
+        raise FileNotFoundError(
+            f"no config.json in {config_dir}: pass --hf-config with the model's HF config directory"
+        )
+    checkpoint = CheckpointTensors(resolve_checkpoint_dir(megatron_path))
+    has_mtp = any(key.startswith("language_model.mtp.") for key in checkpoint.metadata)
+    config = from_hf_config(AutoConfig.from_pretrained(config_dir), name=config_dir)
+    config = config.with_mtp_layers(1 if has_mtp else 0)
     rules = weight_rules(config)
-    shapes = hf_tensor_shapes(config)
+    hf_shapes = hf_tensor_shapes(config)
     writer = ShardWriter(out, "model", max_bytes)
     progress = Progress(len(rules), "export")
     for rule in rules:
-        if rule.expert:
-            owner, local = expert_parallel_name(rule.megatron, config.text.num_experts, ep)
-            full = sources[(0, owner)].get(local)
-        else:
-            full = gather_tensor_parallel(
-                rule, [sources[(t, 0)].get(rule.megatron) for t in range(tp)]
-            )
-        for name, tensor in zip(
-            rule.hf, rule.to_hf(full, [shapes[n] for n in rule.hf]), strict=True
-        ):
+        shape = megatron_shape(rule, hf_shapes)
+        chunks = tensor_chunks(rule, shape, config)
+        full = torch.empty(shape, dtype=checkpoint.get(chunks[0].key).dtype)
+        for chunk in chunks:
+            stored = checkpoint.get(chunk.key)
+            check_global_shape(chunk, stored)
+            region = stored[chunk.offset[0] : chunk.offset[0] + 1] if chunk.stacked else stored
+            chunk.put(region, full)
+        hf_tensors = rule.to_hf(full, [hf_shapes[n] for n in rule.hf])
+        for name, tensor in zip(rule.hf, hf_tensors, strict=True):
             writer.add(name, tensor.clone())
-        progress.step(full)
+        progress.step(full.nbytes)
     writer.close()
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
-        if os.path.exists(os.path.join(megatron_path, name)):
-            shutil.copy(os.path.join(megatron_path, name), os.path.join(out, name))
+    copy_hf_files(config_dir, out)
     return {"tensors": len(rules), "peak_memory_mib": peak_memory_mib()}
+
+
+def check_global_shape(chunk: TensorChunk, stored: torch.Tensor) -> None:
+    if tuple(stored.shape) != chunk.global_shape:
+        raise ValueError(
+            f"{chunk.key}: checkpoint holds shape {tuple(stored.shape)}, the config gives "
+            f"{chunk.global_shape}; is --hf-config the config this checkpoint was trained with?"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF checkpoint -> per-rank megatron tensors")
+    imp = sub.add_parser("import", help="HF checkpoint -> megatron torch_dist checkpoint")
     imp.add_argument("--hf-path", required=True)
-    imp.add_argument("--out", required=True)
-    imp.add_argument("--tp", type=int, default=1)
-    imp.add_argument("--ep", type=int, default=1)
-    exp = sub.add_parser("export", help="per-rank megatron tensors -> HF checkpoint")
-    exp.add_argument("--megatron-path", required=True)
+    imp.add_argument("--out", required=True, help="a new directory; use it as --load")
+    imp.add_argument("--tp", type=int, default=1, help="check that this TP size divides the model")
+    imp.add_argument(
+        "--ep", type=int, default=1, help="check that this EP size divides the experts"
+    )
+    imp.add_argument("--format", choices=["torch_dist"], default="torch_dist")
+    exp = sub.add_parser("export", help="megatron torch_dist checkpoint -> HF checkpoint")
+    exp.add_argument("--megatron-path", required=True, help="a save directory or an iter_* one")
     exp.add_argument("--out", required=True)
+    exp.add_argument("--hf-config", help="HF config directory (default: the one import kept)")
     for command in (imp, exp):
         command.add_argument("--max-shard-gib", type=float, default=2.0)
     args = parser.parse_args()
@@ -302,7 +525,7 @@ def main() -> None:
     if args.command == "import":
         result = import_checkpoint(args.hf_path, args.out, args.tp, args.ep, max_bytes)
     else:
-        result = export_checkpoint(args.megatron_path, args.out, max_bytes)
+        result = export_checkpoint(args.megatron_path, args.out, args.hf_config, max_bytes)
     print(
         f"{args.command} done in {time.perf_counter() - start:.1f} s; "
         f"peak memory {result['peak_memory_mib']:,.0f} MiB"

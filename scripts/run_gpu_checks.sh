@@ -2,11 +2,11 @@
 # Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
-#   scripts/run_gpu_checks.sh parity|training|cord|bench            OUT_DIR   # one GPU
+#   scripts/run_gpu_checks.sh parity|training|cord|convert|bench    OUT_DIR   # one GPU
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve                    OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, training, cord, bench, cp, layouts or cp_curve}
+STEP=${1:?step: parity, training, cord, convert, bench, cp, layouts or cp_curve}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,6 +48,28 @@ case "$STEP" in
     done
     first_losses cord_packed0 cord_packed1
     rm -rf "$OUT/data/data" ;;
+  convert)
+    timeout 300 torchrun --nproc-per-node 1 tests/test_checkpoint_load.py > "$OUT/load.log" 2>&1
+    table "$OUT/load.log"
+    # A random proxy-sized HF checkpoint with its MTP tensors -> import -> 20 fine-tuning steps.
+    "$PYTHON" - "$OUT/proxy_hf" <<'PY'
+import sys
+import torch
+from transformers import Qwen3_5ForConditionalGeneration
+from models.qwen35_vl.configuration import get_variant
+from tests.hf_checkpoint import save_hf_checkpoint
+config = get_variant("proxy")
+torch.manual_seed(0)
+model = Qwen3_5ForConditionalGeneration(config.to_hf_config()).to(torch.bfloat16)
+save_hf_checkpoint(model, config, sys.argv[1], with_mtp=True, max_shard_size="200MB")
+PY
+    "$PYTHON" scripts/convert_hf_checkpoint.py import --hf-path "$OUT/proxy_hf" \
+      --out "$OUT/proxy_ckpt" > "$OUT/import.log" 2>&1; tail -2 "$OUT/import.log"
+    train finetune MODEL_VARIANT=proxy TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5 \
+      CKPT_LOAD="$OUT/proxy_ckpt" CKPT_RESUME=0
+    grep -iE "loading.*checkpoint|successfully loaded" "$OUT/finetune.log" | head -3 | cut -c1-200
+    first_losses finetune
+    rm -rf "$OUT/proxy_hf" "$OUT/proxy_ckpt" ;;
   bench)
     layers=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print ($1 > 100000) ? 8 : 4}')
     timeout 580 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" > "$OUT/bench.log" 2>&1

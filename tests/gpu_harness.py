@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -260,3 +261,15 @@ def print_table(title: str, checks: list[Check]) -> bool:
                 f"| {c.name} | {c.measured:.3e} | {bound} {c.limit:.1e} | {verdict} | {c.detail} |"
             )
     return all(c.passed for c in checks)
+
+
+def run_section(title: str, run) -> list[Check]:
+    """Collect one group's checks; an exception becomes a failed check after the ones already
+    measured (the other groups still run)."""
+    checks: list[Check] = []
+    try:
+        checks.extend(run())
+    except Exception as error:
+        traceback.print_exc()
+        checks.append(Check(f"{title} raised", 1.0, 0.0, f"{type(error).__name__}: {error}"[:300]))
+    return checks

@@ -1,7 +1,7 @@
 """scripts/convert_hf_checkpoint.py on CPU: a tiny random model saved by transformers'
 save_pretrained (dense and MoE, several shards, with and without MTP tensors) goes through import
-(TP / EP shards) and export, and every tensor comes back bit-identical; bad inputs are refused
-with the problem named.
+(a megatron torch_dist checkpoint, read back with megatron's own metadata readers) and export, and
+every tensor comes back bit-identical; bad inputs are refused with the problem named.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from models.qwen35_vl.hf_weights import mtp_tensor_shapes
-from scripts.convert_hf_checkpoint import INDEX_FILE, export_checkpoint, import_checkpoint
+from scripts.convert_hf_checkpoint import (
+    INDEX_FILE,
+    TRACKER_FILE,
+    export_checkpoint,
+    import_checkpoint,
+)
 from tests.gpu_harness import tiny_config
+from tests.hf_checkpoint import read_hf_checkpoint, save_hf_checkpoint
 
 
 def converter_config(moe: bool):
@@ -27,53 +30,25 @@ def converter_config(moe: bool):
 
 
 def save_tiny(directory: str, moe: bool, with_mtp: bool) -> dict[str, torch.Tensor]:
-    """save_pretrained of a random tiny model (several shards), optionally plus `mtp.*` tensors
-    in their own shard (transformers writes none); returns every saved tensor."""
+    """A random tiny model saved in 1 MB shards (optionally with `mtp.*` tensors)."""
     from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     torch.manual_seed(0)
     config = converter_config(moe)
     model_class = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
-    model_class(config.to_hf_config()).save_pretrained(directory, max_shard_size="1MB")
-    if with_mtp:
-        mtp = {
-            name: torch.randn(shape)
-            for name, shape in mtp_tensor_shapes(config.with_mtp_layers(1)).items()
-        }
-        save_file(mtp, os.path.join(directory, "mtp.safetensors"))
-        index_path = os.path.join(directory, INDEX_FILE)
-        with open(index_path) as f:
-            index = json.load(f)
-        index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
-        with open(index_path, "w") as f:
-            json.dump(index, f)
-    return read_all(directory)
+    return save_hf_checkpoint(model_class(config.to_hf_config()), config, directory, with_mtp)
 
 
-def read_all(directory: str) -> dict[str, torch.Tensor]:
-    with open(os.path.join(directory, INDEX_FILE)) as f:
-        weight_map = json.load(f)["weight_map"]
-    tensors = {}
-    for name, file in weight_map.items():
-        with safe_open(os.path.join(directory, file), "pt") as f:
-            tensors[name] = f.get_tensor(name)
-    return tensors
-
-
-@pytest.mark.parametrize(
-    ("moe", "with_mtp", "tp", "ep"),
-    [(False, False, 2, 1), (False, True, 1, 1), (True, True, 2, 2), (True, False, 1, 4)],
-)
-def test_import_export_is_bit_exact(tmp_path, moe, with_mtp, tp, ep):
+@pytest.mark.parametrize(("moe", "with_mtp"), [(False, False), (False, True), (True, True)])
+def test_import_export_is_bit_exact(tmp_path, moe, with_mtp):
     hf, megatron, back = (str(tmp_path / name) for name in ("hf", "megatron", "back"))
     original = save_tiny(hf, moe, with_mtp)
     assert len([f for f in os.listdir(hf) if f.endswith(".safetensors")]) > 2
-    layout = import_checkpoint(hf, megatron, tp=tp, ep=ep, max_bytes=512 * 1024)
-    assert layout["mtp_num_hidden_layers"] == int(with_mtp)
-    assert len(layout["ranks"]) == tp * ep
-    assert layout["peak_memory_mib"] > 0
+    result = import_checkpoint(hf, megatron, max_bytes=512 * 1024)
+    assert result["parts"] > 2  # several DCP parts, merged into one checkpoint
+    assert result["peak_memory_mib"] > 0
     export_checkpoint(megatron, back, max_bytes=1024 * 1024)
-    exported = read_all(back)
+    exported = read_hf_checkpoint(back)
     assert set(exported) == set(original)
     assert all(torch.equal(exported[name], original[name]) for name in original)
 
@@ -91,21 +66,85 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
 
-def test_rank_files_hold_megatron_shards(tmp_path):
-    hf, megatron = str(tmp_path / "hf"), str(tmp_path / "megatron")
-    original = save_tiny(hf, moe=True, with_mtp=False)
-    import_checkpoint(hf, megatron, tp=2, ep=2)
-    rank = read_all(os.path.join(megatron, "tp01_ep001"))
-    # EP rank 1 of 2 holds experts 4-7 of 8 as local experts 0-3.
-    local = rank["language_model.decoder.layers.1.mlp.experts.linear_fc2.weight0"]
-    assert torch.equal(
-        local, original["model.language_model.layers.0.mlp.experts.4.down_proj.weight"]
+def read_dcp(directory: str, key: str) -> torch.Tensor:
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(directory)
+    entry = reader.read_metadata().state_dict_metadata[key]
+    target = {key: torch.empty(entry.size, dtype=entry.properties.dtype)}
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    return target[key]
+
+
+def test_checkpoint_has_megatron_keys_objects_and_common_state(tmp_path):
+    """What megatron's loader reads: the tracker, common state, tensor keys with global shapes
+    (layer / expert axes, Gated DeltaNet sections) and the TE `_extra_state` objects."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.serialization import (
+        load_common_state_dict,
+        load_sharded_metadata,
     )
-    assert "language_model.decoder.layers.1.mlp.experts.linear_fc2.weight4" not in rank
-    # TP rank 1 of 2 holds the second half of the output projection's input features.
-    o_proj = original["model.language_model.layers.3.self_attn.o_proj.weight"]
-    shard = rank["language_model.decoder.layers.6.self_attention.linear_proj.weight"]
-    assert torch.equal(shard, o_proj.chunk(2, dim=1)[1])
+
+    hf, megatron = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    original = save_tiny(hf, moe=True, with_mtp=True)
+    import_checkpoint(hf, megatron, max_bytes=256 * 1024)
+    with open(os.path.join(megatron, TRACKER_FILE)) as f:
+        assert f.read() == "release"
+    release = os.path.join(megatron, "release")
+    assert load_common_state_dict(release) == {"checkpoint_version": 3.0, "iteration": 0}
+    shapes = {key: tuple(t.global_shape) for key, t in load_tensors_metadata(release).items()}
+    config = converter_config(moe=True)
+    t, v = config.text, config.vision
+    experts = "language_model.decoder.layers.1.mlp.experts.experts.linear_fc2.weight"
+    assert shapes[experts] == (t.num_experts, t.hidden_size, t.moe_intermediate_size)
+    down = original["model.language_model.layers.0.mlp.experts.4.down_proj.weight"]
+    assert torch.equal(read_dcp(release, experts)[4], down)
+    gdn = "language_model.decoder.layers.0.self_attention."
+    z = original["model.language_model.layers.0.linear_attn.in_proj_z.weight"]
+    assert torch.equal(read_dcp(release, gdn + "in_proj.weight.z"), z)
+    assert (
+        shapes[gdn + "conv1d.weight.value"][0] == t.linear_num_value_heads * t.linear_value_head_dim
+    )
+    fc2 = "vision.blocks.layers.mlp.linear_fc2.weight"
+    assert shapes[fc2] == (v.depth, v.hidden_size, v.intermediate_size)
+    vision_fc2 = original["model.visual.blocks.1.mlp.linear_fc2.weight"]
+    assert torch.equal(read_dcp(release, fc2)[1], vision_fc2)
+    assert "language_model.mtp.layers.0.eh_proj.weight" in shapes
+    objects = set(load_sharded_metadata(release))
+    assert {
+        "language_model.decoder.layers.6.self_attention.linear_qkv._extra_state/shard_0_1",
+        "language_model.decoder.layers.6.self_attention.core_attention._extra_state/shard_0_1",
+        "language_model.decoder.layers.0.self_attention.out_norm._extra_state/shard_0_1",
+        "language_model.decoder.layers.1.mlp.experts.experts.linear_fc1._extra_state/shard_7_8",
+        "vision.blocks.layers.self_attention.linear_qkv._extra_state/shard_1_2",
+        "language_model.output_layer._extra_state/shard_0_1",
+    } <= objects
+    assert not any("conv1d._extra_state" in key or "router._extra_state" in key for key in objects)
+
+
+def test_export_reads_a_training_checkpoint_directory(tmp_path):
+    """A save directory whose tracker names an iteration; the HF config passed explicitly."""
+    hf, megatron, back = (str(tmp_path / name) for name in ("hf", "megatron", "back"))
+    original = save_tiny(hf, moe=False, with_mtp=False)
+    import_checkpoint(hf, megatron)
+    os.rename(os.path.join(megatron, "release"), os.path.join(megatron, "iter_0000020"))
+    with open(os.path.join(megatron, TRACKER_FILE), "w") as f:
+        f.write("20")
+    os.remove(os.path.join(megatron, "config.json"))
+    with pytest.raises(FileNotFoundError, match="--hf-config"):
+        export_checkpoint(megatron, back)
+    export_checkpoint(megatron, back, hf_config_dir=hf)
+    exported = read_hf_checkpoint(back)
+    assert all(torch.equal(exported[name], original[name]) for name in original)
+
+
+def test_refuses_a_non_empty_output_directory(tmp_path):
+    hf, megatron = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    save_tiny(hf, moe=False, with_mtp=False)
+    os.makedirs(os.path.join(megatron, "release"))
+    open(os.path.join(megatron, "release", "stale"), "w").close()
+    with pytest.raises(FileExistsError, match="not empty"):
+        import_checkpoint(hf, megatron)
 
 
 def test_refuses_other_models(tmp_path):

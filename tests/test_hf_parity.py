@@ -24,7 +24,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Iterator
 from functools import partial
 
@@ -46,6 +45,7 @@ from tests.gpu_harness import (
     megatron_forward,
     print_table,
     relative_error,
+    run_section,
     set_model_parallel,
     tiny_config,
 )
@@ -263,18 +263,6 @@ def count_checks(config, tag: str) -> Iterator[Check]:
         0,
         f"{ours_mtp:,}",
     )
-
-
-def run_section(title: str, run) -> list[Check]:
-    """Collect one group's checks; an exception becomes a failed check after the ones already
-    measured (the other groups still run)."""
-    checks: list[Check] = []
-    try:
-        checks.extend(run())
-    except Exception as error:
-        traceback.print_exc()
-        checks.append(Check(f"{title} raised", 1.0, 0.0, f"{type(error).__name__}: {error}"[:300]))
-    return checks
 
 
 def main() -> int:

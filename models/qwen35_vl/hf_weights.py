@@ -3,8 +3,8 @@
 HF names follow the released checkpoints (`model.visual.*`, `model.language_model.*`, `lm_head`,
 `mtp.*`, per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`); `split_fused_experts` /
 `fuse_experts` convert to and from transformers' in-memory 3D expert tensors. Megatron names are
-those of `Qwen35VLModel` at TP=1; `shard_for_tensor_parallel` / `gather_tensor_parallel` give the
-per-rank slices megatron holds for TP > 1, and `expert_parallel_name` the EP placement.
+those of `Qwen35VLModel` at TP=1; `shard_for_tensor_parallel` gives the slice a TP rank holds
+(and so checks that a TP size divides the model).
 """
 
 from __future__ import annotations
@@ -403,25 +403,6 @@ def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size:
     return tensor.chunk(size, dim=dim)[rank]
 
 
-def gather_tensor_parallel(rule: WeightRule, shards: list[Tensor]) -> Tensor:
-    """Inverse of `shard_for_tensor_parallel` over all ranks' shards (in rank order)."""
-    size = len(shards)
-    if size == 1 or rule.tp == REPLICATED or rule.expert:
-        return shards[0]
-    dim = 0 if rule.tp == COLUMN else 1
-    if rule.sections:
-        local = [s // size for s in rule.sections]
-        per_rank = [torch.split(shard, local, dim=dim) for shard in shards]
-        return torch.cat(
-            [
-                torch.cat([rank_pieces[j] for rank_pieces in per_rank], dim=dim)
-                for j in range(len(local))
-            ],
-            dim=dim,
-        )
-    return torch.cat(shards, dim=dim)
-
-
 def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
     if rule.kind == "attention_qkv":
         groups = rule.heads[1]
@@ -434,13 +415,3 @@ def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
             raise ValueError(
                 f"{rule.megatron}: dimension {part} does not split over tensor-parallel size {size}"
             )
-
-
-def expert_parallel_name(name: str, num_experts: int, ep_size: int) -> tuple[int, str]:
-    """(EP rank, local name) of a routed-expert tensor `...weight{e}` under expert parallelism."""
-    stem, _, index = name.rpartition("weight")
-    if num_experts % ep_size:
-        raise ValueError(f"{num_experts} experts do not split over expert-parallel size {ep_size}")
-    per_rank = num_experts // ep_size
-    expert = int(index)
-    return expert // per_rank, f"{stem}weight{expert % per_rank}"
