@@ -89,16 +89,20 @@ class TensorSource:
             raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor model.safetensors")
         self.directory = directory
         self.weight_map = weight_map
-        self._open: dict[str, object] = {}
+        self._open_name: str | None = None
+        self._open_handle = None
 
     def names(self) -> set[str]:
         return set(self.weight_map)
 
     def _file(self, name: str):
+        # One file open at a time: safetensors maps files into memory, and the pages read stay
+        # resident (and counted) for as long as a file is open.
         file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self.directory, file), "pt")
-        return self._open[file]
+        if self._open_name != file:
+            self._open_handle = safe_open(os.path.join(self.directory, file), "pt")
+            self._open_name = file
+        return self._open_handle
 
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).get_tensor(name)
@@ -385,6 +389,10 @@ def import_checkpoint(
     source = TensorSource(hf_path)
     config = load_hf_config(hf_path, source)
     rules = weight_rules(config)
+    if config.text.tie_word_embeddings and "lm_head.weight" in source.names():
+        # Some tied checkpoints store the head anyway; the model reuses the embedding.
+        print("lm_head.weight ignored: the config ties the output layer to the embedding")
+        source.weight_map.pop("lm_head.weight")
     check_tensor_names(config, rules, source.names())
     hf_shapes = hf_tensor_shapes(config)
     check_layout(rules, hf_shapes, config, tp, ep)

@@ -33,8 +33,12 @@ def save_hf_checkpoint(
         }
         save_file(mtp, os.path.join(directory, "mtp.safetensors"))
         index_path = os.path.join(directory, INDEX_FILE)
-        with open(index_path) as f:
-            index = json.load(f)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                index = json.load(f)
+        else:  # a checkpoint small enough for one file has no index yet
+            with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+                index = {"weight_map": dict.fromkeys(f.keys(), "model.safetensors")}
         index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
         with open(index_path, "w") as f:
             json.dump(index, f)
