@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -273,3 +275,16 @@ def run_section(title: str, run) -> list[Check]:
         traceback.print_exc()
         checks.append(Check(f"{title} raised", 1.0, 0.0, f"{type(error).__name__}: {error}"[:300]))
     return checks
+
+
+# ---- pytest entry -------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torchrun script)"
+)
+
+
+def run_with_torchrun(script: str, processes: int = 1) -> None:
+    """pytest's way into a GPU test script: run it under torchrun, fail on a non-zero exit."""
+    command = ["torchrun", "--nproc-per-node", str(processes), os.path.abspath(script)]
+    subprocess.run(command, check=True)

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from scripts.convert_hf_checkpoint import (
     INDEX_FILE,
@@ -183,3 +184,32 @@ def test_refuses_layouts_the_sizes_do_not_divide(tmp_path, moe, tp, ep, problem)
     save_tiny(hf, moe=moe, with_mtp=False)
     with pytest.raises(ValueError, match=problem):
         import_checkpoint(hf, str(tmp_path / "out"), tp=tp, ep=ep)
+
+
+def test_tied_checkpoint_that_also_stores_the_head(tmp_path, capsys):
+    """Some tied checkpoints carry lm_head.weight anyway: import skips it, saying so."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    config = converter_config(moe=False)
+    config = dataclasses.replace(
+        config, text=dataclasses.replace(config.text, tie_word_embeddings=True)
+    )
+    hf, megatron, back = (str(tmp_path / name) for name in ("hf", "megatron", "back"))
+    torch.manual_seed(0)
+    model = Qwen3_5ForConditionalGeneration(config.to_hf_config())
+    original = save_hf_checkpoint(model, config, hf, with_mtp=False)
+    assert "lm_head.weight" not in original
+    head = {"lm_head.weight": original["model.language_model.embed_tokens.weight"].clone()}
+    save_file(head, os.path.join(hf, "head.safetensors"))
+    index_path = os.path.join(hf, INDEX_FILE)
+    with open(index_path) as f:
+        index = json.load(f)
+    index["weight_map"]["lm_head.weight"] = "head.safetensors"
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    import_checkpoint(hf, megatron)
+    assert "lm_head.weight ignored" in capsys.readouterr().out
+    export_checkpoint(megatron, back)
+    exported = read_hf_checkpoint(back)
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[name], original[name]) for name in original)

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import sys
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -35,7 +33,9 @@ from tests.gpu_harness import (
     collate,
     init_distributed,
     make_sample,
+    needs_cuda,
     print_table,
+    run_with_torchrun,
     set_model_parallel,
 )
 
@@ -170,11 +170,9 @@ def main() -> int:
     return 0 if ok else 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (torchrun script)")
+@needs_cuda
 def test_cp_thd_correctness():
-    gpus = min(torch.cuda.device_count(), 2)
-    script = os.path.abspath(__file__)
-    subprocess.run(["torchrun", "--nproc-per-node", str(gpus), script], check=True)
+    run_with_torchrun(__file__, min(torch.cuda.device_count(), 2))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from functools import partial
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,9 +41,11 @@ from tests.gpu_harness import (
     load_hf_weights,
     make_sample,
     megatron_forward,
+    needs_cuda,
     print_table,
     relative_error,
     run_section,
+    run_with_torchrun,
     set_model_parallel,
     tiny_config,
 )
@@ -295,10 +295,9 @@ def main() -> int:
     return 0 if ok else 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torchrun script)")
+@needs_cuda
 def test_hf_parity():
-    script = os.path.abspath(__file__)
-    subprocess.run(["torchrun", "--nproc-per-node", "1", script], check=True)
+    run_with_torchrun(__file__)
 
 
 if __name__ == "__main__":
