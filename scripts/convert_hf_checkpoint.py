@@ -58,6 +58,7 @@ from models.qwen35_vl.checkpoint_layout import (  # noqa: E402
 from models.qwen35_vl.configuration import Qwen35VLConfig, from_hf_config  # noqa: E402
 from models.qwen35_vl.hf_weights import (  # noqa: E402
     WeightRule,
+    check_names,
     hf_tensor_shapes,
     shard_for_tensor_parallel,
     weight_rules,
@@ -204,7 +205,7 @@ def load_hf_config(directory: str, source: TensorSource) -> Qwen35VLConfig:
 
 def check_layout(
     rules: list[WeightRule],
-    shapes: dict[str, tuple[int, ...]],
+    megatron_shapes: dict[str, tuple[int, ...]],
     config: Qwen35VLConfig,
     tp: int,
     ep: int,
@@ -215,7 +216,7 @@ def check_layout(
     for rule in rules:
         if rule.expert:
             continue
-        full = rule.to_megatron([torch.empty(shapes[n], device="meta") for n in rule.hf])
+        full = torch.empty(megatron_shapes[rule.megatron], device="meta")
         try:
             shard_for_tensor_parallel(rule, full, 0, tp)
         except ValueError as error:
@@ -354,17 +355,6 @@ class DistCheckpointWriter:
         return merged
 
 
-def check_tensor_names(config: Qwen35VLConfig, rules: list[WeightRule], names: set[str]) -> None:
-    expected = {name for rule in rules for name in rule.hf}
-    missing, unexpected = sorted(expected - names), sorted(names - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"checkpoint tensors do not match a {config.text.num_hidden_layers}-layer "
-            f"Qwen3.5{'-MoE' if config.text.is_moe else ''} model: {len(missing)} missing "
-            f"{missing[:20]}, {len(unexpected)} unexpected {unexpected[:20]}"
-        )
-
-
 class _LastTensor:
     """Remembers the last megatron tensor built, so that the sections of one tensor (Gated
     DeltaNet's in_proj) are produced from one read of its HF tensors."""
@@ -393,14 +383,20 @@ def import_checkpoint(
         # Some tied checkpoints store the head anyway; the model reuses the embedding.
         print("lm_head.weight ignored: the config ties the output layer to the embedding")
         source.weight_map.pop("lm_head.weight")
-    check_tensor_names(config, rules, source.names())
+    model = f"{config.text.num_hidden_layers}-layer Qwen3.5{'-MoE' if config.text.is_moe else ''}"
+    check_names(
+        f"checkpoint tensors do not match a {model} model",
+        {name for rule in rules for name in rule.hf},
+        source.names(),
+    )
     hf_shapes = hf_tensor_shapes(config)
-    check_layout(rules, hf_shapes, config, tp, ep)
+    shapes = {rule.megatron: megatron_shape(rule, hf_shapes) for rule in rules}
+    check_layout(rules, shapes, config, tp, ep)
     writer = DistCheckpointWriter(os.path.join(out, "release"), max_bytes)
     planned = [
         (rule, chunk, source.dtype(rule.hf[0]))
         for rule in rules
-        for chunk in tensor_chunks(rule, megatron_shape(rule, hf_shapes), config)
+        for chunk in tensor_chunks(rule, shapes[rule.megatron], config)
     ]
     progress = Progress(len(planned), "import (chunks)")
     last = _LastTensor(source)

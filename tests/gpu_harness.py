@@ -163,14 +163,21 @@ def hf_reference_kernels() -> None:
 
 
 def load_hf_weights(model, hf_model, config: Qwen35VLConfig) -> None:
-    """Copy the HF weights into our (TP=1) model through the weight mapping; strict."""
-    from models.qwen35_vl.hf_weights import hf_to_megatron, split_fused_experts
+    """Copy the HF model's weights into our (TP=1) model through the weight mapping; strict."""
+    from models.qwen35_vl.hf_weights import split_fused_experts
 
     state = split_fused_experts(hf_model.state_dict(), config)
     if config.text.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    mapped = hf_to_megatron(state, config)
-    result = model.load_state_dict(mapped, strict=False)
+    load_hf_tensors(model, state, config)
+
+
+def load_hf_tensors(model, hf_tensors: dict[str, torch.Tensor], config: Qwen35VLConfig) -> None:
+    """Copy HF tensors in checkpoint layout into our (TP=1) model through the weight mapping;
+    strict except for TE's `_extra_state` entries."""
+    from models.qwen35_vl.hf_weights import hf_to_megatron
+
+    result = model.load_state_dict(hf_to_megatron(hf_tensors, config), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise KeyError(f"missing {missing}, unexpected {result.unexpected_keys}")

@@ -29,6 +29,7 @@ from tests.gpu_harness import (
     collate,
     hf_inputs,
     init_distributed,
+    load_hf_tensors,
     make_sample,
     megatron_forward,
     needs_cuda,
@@ -75,18 +76,6 @@ def model_layout(model) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     return tensors, objects
 
 
-def mapped_model(config, hf_tensors: dict[str, torch.Tensor]):
-    """Our model with the HF tensors copied through the weight mapping (the parity test's path)."""
-    from models.qwen35_vl.hf_weights import hf_to_megatron
-
-    model = build_megatron(config, torch.bfloat16)
-    result = model.load_state_dict(hf_to_megatron(hf_tensors, config), strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise KeyError(f"missing {missing}, unexpected {result.unexpected_keys}")
-    return model
-
-
 def checkpoint_checks(moe: bool, workdir: str):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
@@ -129,7 +118,8 @@ def checkpoint_checks(moe: bool, workdir: str):
 
     loaded = dist_checkpointing.load(model.sharded_state_dict(metadata=sharded_metadata()), release)
     model.load_state_dict(loaded, strict=True)
-    reference = mapped_model(config, hf_tensors)
+    reference = build_megatron(config, torch.bfloat16)
+    load_hf_tensors(reference, hf_tensors, config)
     ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
     differing = sorted(name for name in theirs if not torch.equal(ours[name], theirs[name]))
     yield Check(

@@ -263,11 +263,12 @@ def weight_rules(config: Qwen35VLConfig) -> list[WeightRule]:
     return [*_vision_rules(config), *_language_rules(config)]
 
 
-def _check_names(kind: str, expected: set[str], present: set[str]) -> None:
+def check_names(problem: str, expected: set[str], present: set[str]) -> None:
+    """KeyError starting with `problem` and listing the missing and unexpected names, if any."""
     missing, unexpected = sorted(expected - present), sorted(present - expected)
     if missing or unexpected:
         raise KeyError(
-            f"{kind} state dict does not match the config: {len(missing)} missing "
+            f"{problem}: {len(missing)} missing "
             f"{missing[:20]}{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected "
             f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
         )
@@ -277,7 +278,8 @@ def hf_to_megatron(hf_state: Mapping[str, Tensor], config: Qwen35VLConfig) -> di
     """Full (TP=1) megatron state dict from an HF state dict in checkpoint layout. A checkpoint
     without `mtp.*` tensors (transformers' `save_pretrained`) needs `config.with_mtp_layers(0)`."""
     rules = weight_rules(config)
-    _check_names("HF", {name for rule in rules for name in rule.hf}, set(hf_state))
+    expected = {name for rule in rules for name in rule.hf}
+    check_names("HF state dict does not match the config", expected, set(hf_state))
     return {rule.megatron: rule.to_megatron([hf_state[n] for n in rule.hf]) for rule in rules}
 
 
@@ -288,7 +290,8 @@ def megatron_to_hf(
     `_extra_state` entries are ignored."""
     rules = weight_rules(config)
     weights = {k: v for k, v in megatron_state.items() if not k.endswith("_extra_state")}
-    _check_names("megatron", {rule.megatron for rule in rules}, set(weights))
+    expected = {rule.megatron for rule in rules}
+    check_names("megatron state dict does not match the config", expected, set(weights))
     hf_shapes = hf_tensor_shapes(config)
     out: dict[str, Tensor] = {}
     for rule in rules:
