@@ -79,6 +79,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 
     from data.collate import BSHD, THD, CollateConfig
     from data.loader import build_loader
+    from data.throughput import counted
 
     args = get_args()
     config = resolved_model_config(args)
@@ -99,7 +100,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
         f"{args.micro_batch_size} x {args.total_seq_length} tokens"
     )
     consumed = (args.consumed_train_samples, args.consumed_valid_samples, 0)
-    return tuple(
+    train, valid, test = (
         build_loader(
             dataset,
             collate,
@@ -110,6 +111,34 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
             num_workers=args.num_workers,
         )
         for dataset, used in zip((splits.train, splits.valid, splits.test), consumed, strict=True)
+    )
+    meter = token_throughput(args)
+    return counted(train, meter.count_batch), counted(valid, lambda _: meter.interrupt()), test
+
+
+def token_throughput(args: argparse.Namespace) -> Any:
+    """tokens/s/GPU every log interval, printed under megatron's iteration line and written to
+    TensorBoard as `tokens-per-sec-per-gpu`."""
+    from megatron.training import get_args, get_tensorboard_writer, print_rank_0
+
+    from data.throughput import TokenThroughput
+
+    def report(iteration: int, rate: float, first: int, last: int) -> None:
+        print_rank_0(f" tokens per second per GPU: {rate:,.0f} (iterations {first}-{last})")
+        writer = get_tensorboard_writer()
+        if writer is not None:
+            writer.add_scalar("tokens-per-sec-per-gpu", rate, iteration)
+
+    model_parallel_gpus = (
+        args.tensor_model_parallel_size
+        * args.context_parallel_size
+        * args.pipeline_model_parallel_size
+    )
+    return TokenThroughput(
+        args.log_interval,
+        model_parallel_gpus,
+        lambda: getattr(get_args(), "curr_iteration", 0),
+        report,
     )
 
 

@@ -12,17 +12,19 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
 
+# Steps may run side by side on one machine, so every launcher gets a port nobody holds.
+free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
 table() { grep -E "^\||^###" "$1" | grep -v "^|---\|^| check" ; }
 train() {  # name, then VAR=value ... for scripts/run_qwen35_vl.sh
   local name=$1; shift
-  env RUN_DIR="$OUT/$name" EVAL_INTERVAL=1000 EVAL_ITERS=0 "$@" ./scripts/run_qwen35_vl.sh \
+  env RUN_DIR="$OUT/$name" MASTER_PORT="$(free_port)" EVAL_INTERVAL=1000 EVAL_ITERS=0 "$@" ./scripts/run_qwen35_vl.sh \
     > "$OUT/$name.log" 2>&1 || echo "$name failed: see $OUT/$name.log"
   grep -E "iteration +[0-9]+/" "$OUT/$name.log" | sed -n '1p;$p' | cut -c1-260
 }
 first_losses() {  # print iteration-1 'lm loss' of each named run (float32 TensorBoard scalars)
   "$PYTHON" - "$OUT" "$@" <<'PY'
 import sys
-from tests.test_training_resume import scalars
+from scripts.plot_training import read_scalars as scalars
 out, names = sys.argv[1], sys.argv[2:]
 for name in names:
     losses = scalars(f"{out}/{name}/tensorboard", "lm loss")
@@ -33,12 +35,15 @@ PY
 
 case "$STEP" in
   parity)
-    timeout 560 torchrun --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1
+    timeout 560 torchrun --standalone --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1
     table "$OUT/parity.log" ;;
   training)
     timeout 580 "$PYTHON" tests/test_training_resume.py "$OUT/runs" > "$OUT/training.log" 2>&1
     table "$OUT/training.log"
-    rm -rf "$OUT"/runs/*ckpt* ;;
+    rm -rf "$OUT"/runs/*ckpt*
+    # The loss curve as a PNG where matplotlib is installed (else draw it later from the events).
+    "$PYTHON" scripts/plot_training.py --out "$OUT/loss_curve.png" --title "proxy, mock data" \
+      "$OUT"/runs/full/tensorboard "$OUT"/runs/resumed/tensorboard 2>&1 | tail -1 ;;
   cord)
     "$PYTHON" -m tests.cord_fixture --out "$OUT/data" > "$OUT/fixture.log" 2>&1
     for packed in 0 1; do
@@ -49,7 +54,7 @@ case "$STEP" in
     first_losses cord_packed0 cord_packed1
     rm -rf "$OUT/data/data" ;;
   convert)
-    timeout 300 torchrun --nproc-per-node 1 tests/test_checkpoint_load.py > "$OUT/load.log" 2>&1
+    timeout 300 torchrun --standalone --nproc-per-node 1 tests/test_checkpoint_load.py > "$OUT/load.log" 2>&1
     table "$OUT/load.log"
     # A random proxy-sized HF checkpoint with its MTP tensors -> import -> 20 fine-tuning steps.
     "$PYTHON" - "$OUT/proxy_hf" <<'PY'
@@ -75,7 +80,7 @@ PY
     timeout 580 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" > "$OUT/bench.log" 2>&1
     grep -E "^\{|^\|" "$OUT/bench.log" ;;
   cp)
-    timeout 560 torchrun --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
+    timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;
   layouts)
     common=(MODEL_VARIANT=proxy TRAIN_ITERS=50 SEQ_LEN=1024 GBS=8)
@@ -91,7 +96,7 @@ PY
     first_losses thd_cp1 thd_cp2
     "$PYTHON" - "$OUT" <<'PY'
 import sys
-from tests.test_training_resume import scalars
+from scripts.plot_training import read_scalars as scalars
 one, two = (scalars(f"{sys.argv[1]}/{n}/tensorboard", "lm loss") for n in ("thd_cp1", "thd_cp2"))
 steps = sorted(set(one) & set(two))
 worst = max(abs(two[i] - one[i]) / one[i] for i in steps)

@@ -34,7 +34,7 @@ FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
 RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
 MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}
 CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}
-PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}
+PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-0}
 LAUNCHER=${LAUNCHER:-torchrun}
 DETERMINISTIC=${DETERMINISTIC:-0}
 DRY_RUN=${DRY_RUN:-0}
@@ -64,6 +64,7 @@ GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
 case "$CP_COMM_TYPE" in p2p|a2a|a2a+p2p|allgather) ;; *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;; esac
 case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
+case "$TIMING_LOG_LEVEL" in 0|1|2) ;; *) die "TIMING_LOG_LEVEL=$TIMING_LOG_LEVEL: use 0, 1 or 2 (2 adds the data timer batch-generator; each level adds CUDA syncs)" ;; esac
 
 # ---- megatron arguments ------------------------------------------------------------------------
 ARGS=(
@@ -82,6 +83,7 @@ ARGS=(
   --calculate-per-token-loss
   --manual-gc --manual-gc-interval 50
   --log-interval 1 --log-throughput --log-params-norm --log-timers-to-tensorboard
+  --timing-log-level "$TIMING_LOG_LEVEL"
   --log-memory-to-tensorboard --log-validation-ppl-to-tensorboard
   --tensorboard-dir "$TB_DIR"
   --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"

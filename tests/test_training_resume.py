@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from scripts.plot_training import read_scalars  # noqa: E402
 from tests.gpu_harness import Check, print_table  # noqa: E402
 
 ITERS = int(os.environ.get("VERIFY_TRAIN_ITERS", "300"))
@@ -42,6 +45,7 @@ COMMON = {
 
 def launch(out: str, name: str, extra_args: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
     run_env = dict(os.environ, **COMMON, RUN_DIR=os.path.join(out, name), **env)
+    run_env["MASTER_PORT"] = str(free_port())  # runs share the machine concurrently
     log = open(os.path.join(out, f"{name}.log"), "w")  # noqa: SIM115 - closed by the caller's wait
     return subprocess.Popen(
         ["bash", os.path.join(REPO, "scripts", "run_qwen35_vl.sh"), *extra_args],
@@ -53,25 +57,17 @@ def launch(out: str, name: str, extra_args: tuple[str, ...] = (), **env: str) ->
     )
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def run(out: str, name: str, extra_args: tuple[str, ...] = (), **env: str) -> str:
     process = launch(out, name, extra_args, **env)
     if process.wait() != 0:
         raise RuntimeError(f"{name} failed; see {out}/{name}.log")
     return os.path.join(out, name, "tensorboard")
-
-
-def scalars(tensorboard_dir: str, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for root, _, files in os.walk(tensorboard_dir):
-        for name in sorted(files):
-            if name.startswith("events.out.tfevents"):
-                events = EventAccumulator(os.path.join(root, name), size_guidance={"scalars": 0})
-                events.Reload()
-                if tag in events.Tags()["scalars"]:
-                    values.update({e.step: e.value for e in events.Scalars(tag)})
-    return values
 
 
 def wait_for_iteration(log_path: str, iteration: int, process: subprocess.Popen) -> None:
@@ -84,20 +80,9 @@ def wait_for_iteration(log_path: str, iteration: int, process: subprocess.Popen)
     raise RuntimeError(f"run ended before iteration {iteration}; see {log_path}")
 
 
-def main(out: str) -> int:
-    os.makedirs(out, exist_ok=True)
-    checks: list[Check] = []
-    ckpt = os.path.join(out, "ckpt")
-    full = scalars(
-        run(out, "full", CKPT_SAVE=ckpt, TRAIN_ITERS=str(ITERS), SAVE_INTERVAL=str(SAVE_AT)),
-        "lm loss",
-    )
-    first, last = full[1], sum(full[i] for i in range(ITERS - 9, ITERS + 1)) / 10
-    ratio = last / first
-    checks.append(Check("loss: mean of last 10 / first", ratio, 0.7, f"{first:.3f} -> {last:.3f}"))
-
+def check_resume(out: str, ckpt: str, full: dict[int, float]) -> list[Check]:
     stop = SAVE_AT + 50
-    resumed = scalars(
+    resumed = read_scalars(
         run(
             out,
             "resumed",
@@ -110,49 +95,91 @@ def main(out: str) -> int:
     steps = range(SAVE_AT + 1, stop + 1)
     worst = max(abs(resumed[i] - full[i]) / abs(full[i]) for i in steps)
     exact = sum(resumed[i] == full[i] for i in steps)
-    checks.append(
+    return [
         Check(
             f"fla path, resume at {SAVE_AT}: max rel loss difference",
             worst,
             1e-4,
             f"iterations {SAVE_AT + 1}-{stop}, {exact}/{len(steps)} bitwise equal",
         )
-    )
+    ]
 
+
+def check_deterministic_resume(out: str) -> list[Check]:
     det = dict(DETERMINISTIC="1", TRAIN_ITERS="40", SAVE_INTERVAL="20")
     det_ckpt = os.path.join(out, "det_ckpt")
-    det_full = scalars(run(out, "det_full", CKPT_SAVE=det_ckpt, **det), "lm loss")
-    det_resumed = scalars(
+    det_full = read_scalars(run(out, "det_full", CKPT_SAVE=det_ckpt, **det), "lm loss")
+    det_resumed = read_scalars(
         run(out, "det_resumed", ("--ckpt-step", "20"), CKPT_LOAD=det_ckpt, **det), "lm loss"
     )
     mismatched = [i for i in range(21, 41) if det_resumed.get(i) != det_full[i]]
-    checks.append(
+    return [
         Check(
             "deterministic, resume at 20: iterations not bitwise equal",
             len(mismatched),
             0,
             f"20 compared; first differing: {mismatched[:3]}",
         )
-    )
+    ]
 
+
+def check_kill_and_resume(out: str) -> list[Check]:
     kill_dir = os.path.join(out, "kill_ckpt")
     env = dict(TRAIN_ITERS=str(KILL_ITERS), SAVE_INTERVAL=str(KILL_SAVE), CKPT_SAVE=kill_dir)
     process = launch(out, "killed", **env)
     wait_for_iteration(os.path.join(out, "killed.log"), KILL_AT, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    after = scalars(run(out, "after_kill", CKPT_LOAD=kill_dir, **env), "lm loss")
+    after = read_scalars(run(out, "after_kill", CKPT_LOAD=kill_dir, **env), "lm loss")
     restart = min(after) - 1
-    checks.append(
+    return [
         Check(
             "after kill -9: restarted from last checkpoint",
             abs(restart - (KILL_AT // KILL_SAVE) * KILL_SAVE),
             0,
             f"killed at {KILL_AT}, resumed at {restart + 1}, reached {max(after)}/{KILL_ITERS}",
+        ),
+        Check("after kill -9: reached the last iteration", KILL_ITERS - max(after), 0),
+    ]
+
+
+def main(out: str) -> int:
+    os.makedirs(out, exist_ok=True)
+    checks: list[Check] = []
+    ckpt = os.path.join(out, "ckpt")
+    full_dir = run(out, "full", CKPT_SAVE=ckpt, TRAIN_ITERS=str(ITERS), SAVE_INTERVAL=str(SAVE_AT))
+    full = read_scalars(full_dir, "lm loss")
+    first, last = full[1], sum(full[i] for i in range(ITERS - 9, ITERS + 1)) / 10
+    ratio = last / first
+    checks.append(Check("loss: mean of last 10 / first", ratio, 0.7, f"{first:.3f} -> {last:.3f}"))
+
+    # The three checks below are independent of each other and short, so they share the GPU
+    # concurrently; only the uninterrupted run above (whose throughput is reported) runs alone.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [
+            pool.submit(check_resume, out, ckpt, full),
+            pool.submit(check_deterministic_resume, out),
+            pool.submit(check_kill_and_resume, out),
+        ]
+        for future in futures:
+            checks.extend(future.result())
+    passed = print_table("Training: loss, resume, kill -9 (proxy, 1 GPU)", checks)
+    print_throughput(full_dir)
+    return 0 if passed else 1
+
+
+def print_throughput(tensorboard_dir: str) -> None:
+    """The uninterrupted run's speed (measured alone on the GPU), for the results table."""
+    rates = read_scalars(tensorboard_dir, "tokens-per-sec-per-gpu")
+    times = read_scalars(tensorboard_dir, "iteration-time")
+    steady = sorted(v for i, v in rates.items() if i > 10)
+    step = sorted(v for i, v in times.items() if i > 10)
+    if steady and step:
+        rate, milliseconds = steady[len(steady) // 2], 1000 * step[len(step) // 2]
+        print(
+            f"| throughput of the uninterrupted run | {rate:,.0f} tokens/s/GPU | median of "
+            f"iterations 11-{max(rates)}, {milliseconds:.0f} ms/iteration |"
         )
-    )
-    checks.append(Check("after kill -9: reached the last iteration", KILL_ITERS - max(after), 0))
-    return 0 if print_table("Training: loss, resume, kill -9 (proxy, 1 GPU)", checks) else 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
