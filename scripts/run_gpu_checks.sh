@@ -77,8 +77,21 @@ PY
     rm -rf "$OUT/proxy_hf" "$OUT/proxy_ckpt" ;;
   bench)
     layers=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print ($1 > 100000) ? 8 : 4}')
-    timeout 580 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" > "$OUT/bench.log" 2>&1
-    grep -E "^\{|^\|" "$OUT/bench.log" ;;
+    timeout 450 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" --profile "$OUT/profile" \
+      > "$OUT/bench.log" 2>&1
+    grep -E "^\{|^\||^profile|kernels over" "$OUT/bench.log"
+    # Data loading's share of a proxy step on mock data (megatron's batch-generator timer).
+    train data_share MODEL_VARIANT=proxy TRAIN_ITERS=40 SEQ_LEN=2048 GBS=8 TIMING_LOG_LEVEL=2
+    "$PYTHON" - "$OUT/data_share/tensorboard" <<'PY'
+import sys
+from scripts.plot_training import read_scalars
+data, step = (read_scalars(sys.argv[1], tag) for tag in ("batch-generator-time", "iteration-time"))
+steady = [i for i in sorted(set(data) & set(step)) if i > 10]
+share = sum(data[i] for i in steady) / sum(step[i] for i in steady)
+print(f"| data loading share of the step (proxy, mock, iterations {steady[0]}-{steady[-1]}) "
+      f"| {100 * share:.2f}% | goal < 5% |")
+PY
+    ;;
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;

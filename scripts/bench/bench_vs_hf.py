@@ -1,9 +1,10 @@
 """Training throughput of our megatron Qwen3.5-VL against HF transformers, in one process on one
 GPU: the same config (9B widths, 3:1 Gated DeltaNet:attention, fewer layers), the same THD pack
 of mixed-length samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
-each side and the ratio, as one JSON line (plus a markdown row for docs/results.md).
+each side and the ratio, as one JSON line (plus a markdown row for docs/results.md); with
+--profile DIR also a torch-profiler trace of our steps and its time split (profile_summary.py).
 
-    python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10
+    python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10 [--profile DIR]
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
 TE layers, fla kernels, packed THD. HF: `Qwen3_5ForConditionalGeneration` in pure bf16 with fused
@@ -84,7 +85,7 @@ def time_steps(step, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def megatron_side(config, batch, warmup: int, iters: int) -> dict:
+def megatron_side(config, batch, warmup: int, iters: int, profile_dir: str = "") -> dict:
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -149,8 +150,39 @@ def megatron_side(config, batch, warmup: int, iters: int) -> dict:
 
     seconds = time_steps(step, warmup, iters)
     memory = torch.cuda.max_memory_allocated() / 2**30
+    vision = model.module.module.vision
+    vision_inputs = gpu_batch["vision"]
+
+    def vision_step():
+        with model.no_sync():  # gradients only accumulate; no data-parallel reduction
+            vision(vision_inputs).float().sum().backward()
+
+    # The vision tower's share of a step, timed alone on the same images (forward + backward).
+    vision_seconds = time_steps(vision_step, 1, iters)
+    model.zero_grad_buffer()
+    if profile_dir:
+        profile_steps(step, profile_dir)
     parallel_state.destroy_model_parallel()
-    return {"step_seconds": seconds, "max_memory_gib": memory}
+    return {"step_seconds": seconds, "max_memory_gib": memory, "vision_seconds": vision_seconds}
+
+
+def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
+    """Profile `steps` training steps, write the Chrome trace and print where the time goes."""
+    from scripts.bench.profile_summary import summary_markdown
+
+    os.makedirs(profile_dir, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+        for _ in range(steps + 1):
+            step()
+            torch.cuda.synchronize()
+            profiler.step()
+    path = os.path.join(profile_dir, "megatron.pt.trace.json")
+    profiler.export_chrome_trace(path)
+    with open(path) as handle:
+        summary = summary_markdown(json.load(handle))
+    print(f"profile of {steps} megatron steps ({path}):\n{summary}", flush=True)
 
 
 def hf_side(config, samples, warmup: int, iters: int) -> dict:
@@ -187,6 +219,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile", default="", help="directory for a profile of our steps")
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -202,7 +235,12 @@ def main() -> None:
     peak = PEAK_BF16_TFLOPS["H200" if "H200" in device else "H100 SXM"]
 
     results = {"device": device, "config": config.name, "tokens_per_step": tokens, "peak": peak}
-    sides = [("megatron", lambda: megatron_side(config, batch, args.warmup, args.iters))]
+    sides = [
+        (
+            "megatron",
+            lambda: megatron_side(config, batch, args.warmup, args.iters, args.profile),
+        )
+    ]
     if not args.skip_hf:
         sides.append(("hf", lambda: hf_side(config, samples, args.warmup, args.iters)))
     for name, run in sides:

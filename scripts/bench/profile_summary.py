@@ -1,0 +1,147 @@
+"""Where the GPU time of a profiled training step goes: reads a torch-profiler Chrome trace (from
+`bench_vs_hf.py --profile` or `PROFILE=torch ./scripts/run_qwen35_vl.sh`, `*.pt.trace.json`) and
+prints the top kernels and the split of the profiled window into GEMM, attention, Gated DeltaNet,
+MoE dispatch, communication, optimizer, other kernels and idle (no kernel running on any stream).
+
+    python scripts/bench/profile_summary.py TRACE.json [--top 15]
+
+Kernels are classified by name, first matching rule wins (`CATEGORY_RULES`); time per category
+sums kernel durations, so kernels overlapping on two streams count twice while idle is measured
+on the union of all kernel intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+# (category, pattern on the kernel name). Order matters: the optimizer's multi-tensor l2norm
+# must not count as Gated DeltaNet's l2norm, and TE's fused attention kernels contain "gemm".
+CATEGORY_RULES: tuple[tuple[str, str], ...] = (
+    ("communication", r"nccl"),
+    ("optimizer", r"multi_tensor|adam|Adam"),
+    ("attention", r"flash|fmha|fused_attn|cudnn.*(attn|sdpa)|attention"),
+    (
+        "Gated DeltaNet",
+        r"chunk_|gated_delta|delta_rule|kkt|solve_tril|recompute_w_u|conv1d|l2norm|"
+        r"fused_recurrent|tilelang|fla_",
+    ),
+    ("MoE dispatch", r"permute|moe|topk|sort_chunks|histogram|token_dispatch|router"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
+)
+CATEGORIES = (*(name for name, _ in CATEGORY_RULES), "other kernels", "idle")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    start_us: float
+    duration_us: float
+
+
+def load_trace(path: str) -> dict:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
+def kernels_of(trace: dict) -> list[Kernel]:
+    """GPU kernel events of the trace (memcpy / memset and CPU events are left out)."""
+    return [
+        Kernel(event["name"], float(event["ts"]), float(event["dur"]))
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X" and event.get("cat") == "kernel"
+    ]
+
+
+def profiled_steps(trace: dict) -> int:
+    """Number of `ProfilerStep#N` ranges (1 when the trace has none)."""
+    names = {
+        event["name"]
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X" and str(event.get("name", "")).startswith("ProfilerStep#")
+    }
+    return max(1, len(names))
+
+
+def classify(name: str) -> str:
+    for category, pattern in CATEGORY_RULES:
+        if re.search(pattern, name):
+            return category
+    return "other kernels"
+
+
+def busy_time(kernels: list[Kernel]) -> float:
+    """Length of the union of the kernels' intervals (time with at least one kernel running)."""
+    busy, end = 0.0, float("-inf")
+    for kernel in sorted(kernels, key=lambda k: k.start_us):
+        stop = kernel.start_us + kernel.duration_us
+        if kernel.start_us >= end:
+            busy += kernel.duration_us
+        elif stop > end:
+            busy += stop - end
+        end = max(end, stop)
+    return busy
+
+
+def time_split(kernels: list[Kernel]) -> dict[str, float]:
+    """Microseconds per category over the window from the first kernel start to the last end."""
+    if not kernels:
+        raise ValueError("the trace has no GPU kernel events (was CUDA activity profiled?)")
+    split = dict.fromkeys(CATEGORIES, 0.0)
+    for kernel in kernels:
+        split[classify(kernel.name)] += kernel.duration_us
+    window = max(k.start_us + k.duration_us for k in kernels) - min(k.start_us for k in kernels)
+    split["idle"] = window - busy_time(kernels)
+    return split
+
+
+def top_kernels(kernels: list[Kernel], count: int) -> list[tuple[str, float, int]]:
+    """(name, total microseconds, calls) of the `count` kernels with the most total time."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for kernel in kernels:
+        totals[kernel.name][0] += kernel.duration_us
+        totals[kernel.name][1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [(name, total, int(calls)) for name, (total, calls) in ranked]
+
+
+def summary_markdown(trace: dict, top: int = 15) -> str:
+    kernels = kernels_of(trace)
+    steps = profiled_steps(trace)
+    split = time_split(kernels)
+    window = split["idle"] + busy_time(kernels)
+    lines = [
+        f"{len(kernels)} kernels over {steps} step(s); window {window / 1e3 / steps:.1f} ms "
+        "per step",
+        "",
+        "| category | ms per step | share of window |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {split[name] / 1e3 / steps:.2f} | {100 * split[name] / window:.1f}% |"
+        for name in CATEGORIES
+    ]
+    lines += ["", "| kernel | category | ms per step | calls per step |", "|---|---|---|---|"]
+    for name, total, calls in top_kernels(kernels, top):
+        short = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(
+            f"| `{short}` | {classify(name)} | {total / 1e3 / steps:.2f} | {calls / steps:g} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace", help="torch-profiler Chrome trace (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=15, help="how many kernels to list")
+    args = parser.parse_args()
+    print(summary_markdown(load_trace(args.trace), args.top))
+
+
+if __name__ == "__main__":
+    main()

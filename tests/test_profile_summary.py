@@ -1,0 +1,83 @@
+"""scripts/bench/profile_summary.py on a hand-made Chrome trace: kernel names go to the right
+category, overlapping kernels on two streams count once for idle, per-step figures divide by the
+ProfilerStep ranges, and a trace without kernels is an error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts.bench.profile_summary import (
+    busy_time,
+    classify,
+    kernels_of,
+    load_trace,
+    summary_markdown,
+    time_split,
+)
+
+
+def kernel(name: str, start: float, duration: float) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": start, "dur": duration}
+
+
+TRACE = {
+    "traceEvents": [
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#5", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#6", "ts": 100, "dur": 100},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 50},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 0, "dur": 5},
+        kernel("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NTN", 0, 40),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 40, 10),
+        kernel("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", 50, 20),
+        kernel("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", 60, 30),  # overlaps on a stream
+        kernel("multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", 120, 20),
+        kernel("_permute_kernel", 140, 5),
+        kernel("vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>", 150, 10),
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+        ("flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64>>", "attention"),
+        ("l2norm_fwd_kernel", "Gated DeltaNet"),
+        ("multi_tensor_apply_kernel<TensorListMetadata<1>, L2NormFunctor<float>>", "optimizer"),
+        ("causal_conv1d_fwd_kernel", "Gated DeltaNet"),
+        ("moe_unpermute_kernel", "MoE dispatch"),
+        ("ncclDevKernel_AllGather_RING_LL", "communication"),
+        ("triton_poi_fused_mul_silu_0", "other kernels"),
+    ],
+)
+def test_kernel_names_are_classified(name, category):
+    assert classify(name) == category
+
+
+def test_split_counts_idle_on_the_union_of_streams():
+    kernels = kernels_of(TRACE)
+    assert len(kernels) == 7  # memcpy and CPU events are not kernels
+    # Busy: [0, 90) from the first four (the NCCL kernel overlaps), [120, 145), [150, 160).
+    assert busy_time(kernels) == 125
+    split = time_split(kernels)
+    assert split["GEMM"] == 40 and split["attention"] == 10 and split["Gated DeltaNet"] == 20
+    assert split["communication"] == 30 and split["optimizer"] == 20
+    assert split["MoE dispatch"] == 5 and split["other kernels"] == 10
+    assert split["idle"] == 160 - 125
+
+
+def test_markdown_reports_per_step(tmp_path):
+    path = tmp_path / "rank0.pt.trace.json"
+    path.write_text(json.dumps(TRACE))
+    text = summary_markdown(load_trace(str(path)), top=3)
+    assert "7 kernels over 2 step(s); window 0.1 ms per step" in text
+    assert "| GEMM | 0.02 | 25.0% |" in text  # 40 us of a 160 us window, over 2 steps
+    assert "| idle | 0.02 | 21.9% |" in text
+    assert text.count("| `") == 3
+
+
+def test_trace_without_kernels_is_an_error():
+    with pytest.raises(ValueError, match="no GPU kernel events"):
+        time_split(kernels_of({"traceEvents": []}))
