@@ -1,16 +1,19 @@
-"""Convert Qwen3.5-VL weights between a Hugging Face checkpoint and a megatron-core `torch_dist`
-checkpoint, streaming tensor by tensor (peak memory stays near one output part, not the model).
+"""Convert Qwen3.5-VL weights between a Hugging Face checkpoint and a megatron-core distributed
+checkpoint (`torch_dist`, or Megatron-FSDP's `fsdp_dtensor`), streaming tensor by tensor (peak
+memory stays near one output part, not the model).
 
     python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out CKPT [--tp 2 --ep 4]
+    python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out CKPT --format fsdp_dtensor
     python scripts/convert_hf_checkpoint.py export --megatron-path CKPT --out HF_DIR
 
 `import` writes CKPT/release/ and CKPT/latest_checkpointed_iteration.txt = "release", megatron's
-convention for a fine-tuning start: `--load CKPT` loads the weights, starts at iteration 0 and
-builds a fresh optimizer. The checkpoint fits every parallel layout; `--tp` / `--ep` check that
-the one you will train with divides the model. `export` reads such a checkpoint, or one saved by
-training (the save directory or one `iter_*` directory), and writes HF safetensors shards, config
-and index that `transformers` loads with `from_pretrained`. MTP tensors (`mtp.*`) travel both
-ways when present.
+convention for a fine-tuning start: `--load CKPT --finetune` loads the weights, starts at
+iteration 0 and builds a fresh optimizer. A `torch_dist` checkpoint fits every parallel layout;
+`--tp` / `--ep` check that the one you will train with divides the model. `fsdp_dtensor` (for
+`FSDP=1` runs, which need it) fits every EP / DP layout at TP=1. `export` reads either format,
+imported or saved by training (the save directory or one `iter_*` directory), and writes HF
+safetensors shards, config and index that `transformers` loads with `from_pretrained`. MTP tensors
+(`mtp.*`) travel both ways when present.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from models.qwen35_vl.checkpoint_layout import (  # noqa: E402
+    FSDP_MODEL_PREFIX,
     TensorChunk,
     extra_state_objects,
+    fsdp_dtensor_chunks,
     megatron_shape,
     tensor_chunks,
 )
@@ -73,6 +78,7 @@ HF_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # megatron's checkpoint_version for checkpoints written by current megatron-core.
 CHECKPOINT_VERSION = 3.0
+TORCH_DIST, FSDP_DTENSOR = "torch_dist", "fsdp_dtensor"
 
 
 class TensorSource:
@@ -254,17 +260,17 @@ class _ProducingPlanner(DefaultSavePlanner):
 
 
 def _serialized(value: object) -> io.BytesIO:
-    """A ShardedObject's stored form in megatron's torch_dist format: torch.save of [value]."""
+    """A DCP bytes entry: torch.save of `value` (megatron's ShardedObjects store `[value]`)."""
     buffer = io.BytesIO()
-    torch.save([value], buffer)
+    torch.save(value, buffer)
     buffer.seek(0)
     return buffer
 
 
 class DistCheckpointWriter:
-    """Writes a megatron-core `torch_dist` checkpoint (PyTorch DCP files, `metadata.json`) in
-    parts of about `max_bytes`: each part is one DCP save of lazily produced chunks, and the
-    parts' metadata are merged into the checkpoint's `.metadata` at the end."""
+    """Writes a PyTorch DCP checkpoint in parts of about `max_bytes`: each part is one DCP save
+    of lazily produced chunks, and the parts' metadata are merged into the checkpoint's
+    `.metadata` at the end (plus megatron's `metadata.json` for `torch_dist`)."""
 
     def __init__(self, directory: str, max_bytes: int) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -323,13 +329,11 @@ class DistCheckpointWriter:
         self.parts.append(metadata)
         self.pending, self.pending_bytes = [], 0
 
-    def close(self, common_state: dict) -> Metadata:
-        """Write the common state (megatron's `common_state` object), the merged `.metadata`
-        and `metadata.json`; checks that the chunks of every tensor cover it exactly."""
-        from megatron.core.dist_checkpointing import ShardedObject
+    def close(self, megatron_format: str) -> Metadata:
+        """Write the merged `.metadata` (and, for `torch_dist`, megatron's `metadata.json`);
+        checks that the chunks of every tensor cover it exactly."""
         from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-        self.add_object(ShardedObject("common_state", None, (1,), (0,)).unique_key, common_state)
         self.flush()
         merged = dataclasses.replace(self.parts[0], state_dict_metadata={}, storage_data={})
         for part in self.parts:
@@ -351,7 +355,8 @@ class DistCheckpointWriter:
         # The same serialisation as torch's FileSystemWriter.finish (read back by FileSystemReader).
         with open(os.path.join(self.directory, ".metadata"), "wb") as f:
             pickle.dump(merged, f)
-        save_config(CheckpointingConfig("torch_dist", 1), self.directory)
+        if megatron_format == TORCH_DIST:
+            save_config(CheckpointingConfig(TORCH_DIST, 1), self.directory)
         return merged
 
 
@@ -371,11 +376,20 @@ class _LastTensor:
 
 
 def import_checkpoint(
-    hf_path: str, out: str, tp: int = 1, ep: int = 1, max_bytes: int = DEFAULT_SHARD_BYTES
+    hf_path: str,
+    out: str,
+    tp: int = 1,
+    ep: int = 1,
+    max_bytes: int = DEFAULT_SHARD_BYTES,
+    megatron_format: str = TORCH_DIST,
 ) -> dict:
-    """HF safetensors -> megatron torch_dist release checkpoint under `out`."""
-    from megatron.core.dist_checkpointing import ShardedObject
-
+    """HF safetensors -> megatron `torch_dist` or `fsdp_dtensor` release checkpoint in `out`."""
+    if megatron_format == FSDP_DTENSOR and tp != 1:
+        raise ValueError(
+            f"--format fsdp_dtensor with --tp {tp}: megatron-core 0.19's FSDP checkpoints keep "
+            "Gated DeltaNet's fused in_proj / conv1d in the TP layout of the run that wrote them; "
+            "import for TP=1 (any EP / DP), or use torch_dist for TP>1"
+        )
     source = TensorSource(hf_path)
     config = load_hf_config(hf_path, source)
     rules = weight_rules(config)
@@ -396,7 +410,7 @@ def import_checkpoint(
     planned = [
         (rule, chunk, source.dtype(rule.hf[0]))
         for rule in rules
-        for chunk in tensor_chunks(rule, shapes[rule.megatron], config)
+        for chunk in checkpoint_chunks(megatron_format, rule, shapes[rule.megatron], config)
     ]
     progress = Progress(len(planned), "import (chunks)")
     last = _LastTensor(source)
@@ -408,14 +422,40 @@ def import_checkpoint(
 
     for rule, chunk, dtype in planned:
         writer.add_tensor(chunk, dtype, lambda r=rule, c=chunk: produce(r, c))
-    for obj in extra_state_objects(rules, config):
-        unique_key = ShardedObject(obj.key, None, obj.global_shape, obj.offset).unique_key
-        writer.add_object(unique_key, obj.value())
-    writer.close({"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0})
+    for key, value in checkpoint_objects(megatron_format, rules, config).items():
+        writer.add_object(key, value)
+    writer.close(megatron_format)
     with open(os.path.join(out, TRACKER_FILE), "w") as f:
         f.write("release")
     copy_hf_files(hf_path, out)
     return {"tensors": len(rules), "parts": len(writer.parts), "peak_memory_mib": peak_memory_mib()}
+
+
+def checkpoint_chunks(
+    megatron_format: str, rule: WeightRule, shape: tuple[int, ...], config: Qwen35VLConfig
+) -> list[TensorChunk]:
+    if megatron_format == TORCH_DIST:
+        return tensor_chunks(rule, shape, config)
+    return fsdp_dtensor_chunks(rule, shape)
+
+
+def checkpoint_objects(
+    megatron_format: str, rules: list[WeightRule], config: Qwen35VLConfig
+) -> dict[str, object]:
+    """The non-tensor entries megatron's loader asks for, by DCP key."""
+    if megatron_format == FSDP_DTENSOR:
+        # Read by name from every fsdp_dtensor checkpoint. `args` stays None: an imported
+        # checkpoint is a fine-tuning start (--finetune), which never compares saved arguments.
+        return {"args": None, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    objects: dict[str, object] = {
+        ShardedObject(obj.key, None, obj.global_shape, obj.offset).unique_key: [obj.value()]
+        for obj in extra_state_objects(rules, config)
+    }
+    common = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+    objects[ShardedObject("common_state", None, (1,), (0,)).unique_key] = [common]
+    return objects
 
 
 def copy_hf_files(source: str, destination: str) -> None:
@@ -431,9 +471,14 @@ def resolve_checkpoint_dir(path: str) -> str:
         with open(tracker) as f:
             step = f.read().strip()
         return os.path.join(path, "release" if step == "release" else f"iter_{int(step):07d}")
-    if os.path.exists(os.path.join(path, "metadata.json")):
+    if os.path.exists(os.path.join(path, ".metadata")):
         return path
-    raise FileNotFoundError(f"{path} holds neither {TRACKER_FILE} nor a torch_dist checkpoint")
+    raise FileNotFoundError(f"{path} holds neither {TRACKER_FILE} nor a distributed checkpoint")
+
+
+def checkpoint_format(directory: str) -> str:
+    """megatron writes `metadata.json` next to torch_dist checkpoints only."""
+    return TORCH_DIST if os.path.exists(os.path.join(directory, "metadata.json")) else FSDP_DTENSOR
 
 
 class CheckpointTensors:
@@ -444,6 +489,11 @@ class CheckpointTensors:
         self.directory = directory
         self.metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
         self.key, self.tensor = None, None
+
+    def get_object(self, key: str) -> object:
+        target: dict[str, object] = {key: None}
+        dcp.load(target, storage_reader=dcp.FileSystemReader(self.directory), no_dist=True)
+        return target[key]
 
     def get(self, key: str) -> torch.Tensor:
         if key != self.key:
@@ -463,7 +513,7 @@ def export_checkpoint(
     hf_config_dir: str | None = None,
     max_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> dict:
-    """megatron torch_dist checkpoint -> HF safetensors; the HF config comes from
+    """megatron checkpoint (torch_dist or fsdp_dtensor) -> HF safetensors; the HF config comes from
     `hf_config_dir` or, by default, the one `import` kept next to the checkpoint."""
     from transformers import AutoConfig
 
@@ -472,8 +522,14 @@ def export_checkpoint(
         raise FileNotFoundError(
             f"no config.json in {config_dir}: pass --hf-config with the model's HF config directory"
         )
-    checkpoint = CheckpointTensors(resolve_checkpoint_dir(megatron_path))
-    has_mtp = any(key.startswith("language_model.mtp.") for key in checkpoint.metadata)
+    directory = resolve_checkpoint_dir(megatron_path)
+    megatron_format = checkpoint_format(directory)
+    checkpoint = CheckpointTensors(directory)
+    if megatron_format == FSDP_DTENSOR:
+        check_fsdp_tensor_parallel(checkpoint)
+    model_prefix = FSDP_MODEL_PREFIX if megatron_format == FSDP_DTENSOR else ""
+    mtp_prefix = model_prefix + "language_model.mtp."
+    has_mtp = any(key.startswith(mtp_prefix) for key in checkpoint.metadata)
     config = from_hf_config(AutoConfig.from_pretrained(config_dir), name=config_dir)
     config = config.with_mtp_layers(1 if has_mtp else 0)
     rules = weight_rules(config)
@@ -482,7 +538,7 @@ def export_checkpoint(
     progress = Progress(len(rules), "export")
     for rule in rules:
         shape = megatron_shape(rule, hf_shapes)
-        chunks = tensor_chunks(rule, shape, config)
+        chunks = checkpoint_chunks(megatron_format, rule, shape, config)
         full = torch.empty(shape, dtype=checkpoint.get(chunks[0].key).dtype)
         for chunk in chunks:
             stored = checkpoint.get(chunk.key)
@@ -498,6 +554,20 @@ def export_checkpoint(
     return {"tensors": len(rules), "peak_memory_mib": peak_memory_mib()}
 
 
+def check_fsdp_tensor_parallel(checkpoint: CheckpointTensors) -> None:
+    """Refuse FSDP checkpoints trained with TP>1 (their Gated DeltaNet tensors are in TP layout);
+    imported ones carry no arguments and are TP=1 by construction."""
+    if "args" not in checkpoint.metadata:
+        return
+    saved = checkpoint.get_object("args")
+    tp = getattr(saved, "tensor_model_parallel_size", 1)
+    if tp != 1:
+        raise ValueError(
+            f"{checkpoint.directory}: an fsdp_dtensor checkpoint saved with TP={tp}; export "
+            "reads TP=1 ones (Gated DeltaNet's fused tensors are stored in the run's TP layout)"
+        )
+
+
 def check_global_shape(chunk: TensorChunk, stored: torch.Tensor) -> None:
     if tuple(stored.shape) != chunk.global_shape:
         raise ValueError(
@@ -509,15 +579,20 @@ def check_global_shape(chunk: TensorChunk, stored: torch.Tensor) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="HF checkpoint -> megatron torch_dist checkpoint")
+    imp = sub.add_parser("import", help="HF checkpoint -> megatron distributed checkpoint")
     imp.add_argument("--hf-path", required=True)
     imp.add_argument("--out", required=True, help="a new directory; use it as --load")
     imp.add_argument("--tp", type=int, default=1, help="check that this TP size divides the model")
     imp.add_argument(
         "--ep", type=int, default=1, help="check that this EP size divides the experts"
     )
-    imp.add_argument("--format", choices=["torch_dist"], default="torch_dist")
-    exp = sub.add_parser("export", help="megatron torch_dist checkpoint -> HF checkpoint")
+    imp.add_argument(
+        "--format",
+        choices=[TORCH_DIST, FSDP_DTENSOR],
+        default=TORCH_DIST,
+        help="fsdp_dtensor for Megatron-FSDP runs (FSDP=1), which cannot load torch_dist",
+    )
+    exp = sub.add_parser("export", help="megatron checkpoint (either format) -> HF checkpoint")
     exp.add_argument("--megatron-path", required=True, help="a save directory or an iter_* one")
     exp.add_argument("--out", required=True)
     exp.add_argument("--hf-config", help="HF config directory (default: the one import kept)")
@@ -527,7 +602,7 @@ def main() -> None:
     max_bytes = int(args.max_shard_gib * 1024**3)
     start = time.perf_counter()
     if args.command == "import":
-        result = import_checkpoint(args.hf_path, args.out, args.tp, args.ep, max_bytes)
+        result = import_checkpoint(args.hf_path, args.out, args.tp, args.ep, max_bytes, args.format)
     else:
         result = export_checkpoint(args.megatron_path, args.out, args.hf_config, max_bytes)
     print(

@@ -56,7 +56,9 @@ case "$STEP" in
   convert)
     timeout 300 torchrun --standalone --nproc-per-node 1 tests/test_checkpoint_load.py > "$OUT/load.log" 2>&1
     table "$OUT/load.log"
-    # A random proxy-sized HF checkpoint with its MTP tensors -> import -> 20 fine-tuning steps.
+    # A random proxy-sized HF checkpoint with its MTP tensors, initialised wider than usual so that
+    # the loss depends on the weights (near ln(vocab) any model would agree) -> import in both
+    # formats -> 20 fine-tuning steps each (torch_dist; megatron-fsdp) -> iteration 1 vs HF.
     "$PYTHON" - "$OUT/proxy_hf" <<'PY'
 import sys
 import torch
@@ -64,17 +66,26 @@ from transformers import Qwen3_5ForConditionalGeneration
 from models.qwen35_vl.configuration import get_variant
 from tests.hf_checkpoint import save_hf_checkpoint
 config = get_variant("proxy")
+hf_config = config.to_hf_config()
+hf_config.text_config.initializer_range = 0.05
 torch.manual_seed(0)
-model = Qwen3_5ForConditionalGeneration(config.to_hf_config()).to(torch.bfloat16)
+model = Qwen3_5ForConditionalGeneration(hf_config).to(torch.bfloat16)
 save_hf_checkpoint(model, config, sys.argv[1], with_mtp=True, max_shard_size="200MB")
 PY
-    "$PYTHON" scripts/convert_hf_checkpoint.py import --hf-path "$OUT/proxy_hf" \
-      --out "$OUT/proxy_ckpt" > "$OUT/import.log" 2>&1; tail -2 "$OUT/import.log"
-    train finetune MODEL_VARIANT=proxy TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5 \
-      CKPT_LOAD="$OUT/proxy_ckpt" CKPT_RESUME=0
+    for format in torch_dist fsdp_dtensor; do
+      "$PYTHON" scripts/convert_hf_checkpoint.py import --hf-path "$OUT/proxy_hf" --format $format \
+        --out "$OUT/proxy_$format" > "$OUT/import_$format.log" 2>&1; tail -1 "$OUT/import_$format.log"
+    done
+    finetune=(MODEL_VARIANT=proxy TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5 CKPT_RESUME=0 GPUS_PER_NODE=1)
+    train finetune "${finetune[@]}" CKPT_LOAD="$OUT/proxy_torch_dist"
+    train finetune_fsdp "${finetune[@]}" CKPT_LOAD="$OUT/proxy_fsdp_dtensor" FSDP=1
     grep -iE "loading.*checkpoint|successfully loaded" "$OUT/finetune.log" | head -3 | cut -c1-200
-    first_losses finetune
-    rm -rf "$OUT/proxy_hf" "$OUT/proxy_ckpt" ;;
+    first_losses finetune finetune_fsdp
+    "$PYTHON" -m tests.hf_batch_loss --hf-path "$OUT/proxy_hf" --seq-len 1024 --gbs 4 \
+      --train-iters 20 "$OUT/finetune/tensorboard" "$OUT/finetune_fsdp/tensorboard" \
+      > "$OUT/hf_loss.log" 2>&1
+    table "$OUT/hf_loss.log"
+    rm -rf "$OUT/proxy_hf" "$OUT"/proxy_torch_dist "$OUT"/proxy_fsdp_dtensor ;;
   bench)
     layers=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print ($1 > 100000) ? 8 : 4}')
     timeout 450 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" --profile "$OUT/profile" \

@@ -66,6 +66,26 @@ case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
 case "$TIMING_LOG_LEVEL" in 0|1|2) ;; *) die "TIMING_LOG_LEVEL=$TIMING_LOG_LEVEL: use 0, 1 or 2 (2 adds the data timer batch-generator; each level adds CUDA syncs)" ;; esac
 
+# An imported (release) checkpoint holds weights only, and megatron-fsdp reads fsdp_dtensor
+# checkpoints only: say so here instead of failing deep inside megatron's loader.
+check_checkpoint_to_load() {
+  local tracker="$CKPT_LOAD/latest_checkpointed_iteration.txt" step dir
+  [ -f "$tracker" ] || die "CKPT_LOAD=$CKPT_LOAD has no latest_checkpointed_iteration.txt: give a save directory or one written by scripts/convert_hf_checkpoint.py import"
+  step=$(cat "$tracker")
+  if [ "$step" = release ]; then
+    [ "$CKPT_RESUME" = 0 ] || die "CKPT_LOAD=$CKPT_LOAD is an imported (release) checkpoint with weights only (no optimizer, iteration or RNG state): set CKPT_RESUME=0 to fine-tune from it"
+    dir="$CKPT_LOAD/release"
+  else
+    dir=$(printf '%s/iter_%07d' "$CKPT_LOAD" "$step")
+  fi
+  if [ "$FSDP" = 1 ] && [ -f "$dir/metadata.json" ]; then
+    die "FSDP=1 loads fsdp_dtensor checkpoints only, and $dir is torch_dist: import with --format fsdp_dtensor (or train with FSDP=0)"
+  fi
+  if [ "$FSDP" = 0 ] && [ -f "$dir/.metadata" ] && [ ! -f "$dir/metadata.json" ]; then
+    die "$dir is an fsdp_dtensor checkpoint, which only FSDP=1 loads: set FSDP=1 (or import with --format torch_dist)"
+  fi
+}
+
 # ---- megatron arguments ------------------------------------------------------------------------
 ARGS=(
   --model-name qwen35_vl --model-variant "$MODEL_VARIANT"
@@ -127,6 +147,7 @@ fi
 [ "$RECOMPUTE_VISION" = 1 ] && ARGS+=(--recompute-vision)
 if [ -n "$CKPT_SAVE" ]; then ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL"); fi
 if [ -n "$CKPT_LOAD" ]; then
+  check_checkpoint_to_load
   ARGS+=(--load "$CKPT_LOAD")
   # CKPT_RESUME=0: fine-tune from the weights only (iteration 0, fresh optimizer and RNG).
   [ "$CKPT_RESUME" = 0 ] && ARGS+=(--finetune --no-load-optim --no-load-rng)

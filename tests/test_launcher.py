@@ -152,6 +152,39 @@ def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):
     assert_fails(dry_run(tmp_path, **knobs), *needles)
 
 
+def fake_checkpoint(tmp_path, step: str, torch_dist: bool) -> str:
+    """A save directory with the files the launcher looks at (no tensors)."""
+    save = tmp_path / "ckpt"
+    directory = save / ("release" if step == "release" else f"iter_{int(step):07d}")
+    directory.mkdir(parents=True)
+    (save / "latest_checkpointed_iteration.txt").write_text(step)
+    (directory / ".metadata").write_bytes(b"")
+    if torch_dist:
+        (directory / "metadata.json").write_text("{}")
+    return str(save)
+
+
+@pytest.mark.parametrize(
+    ("step", "torch_dist", "knobs", "needles"),
+    [
+        ("release", True, {}, ["imported (release) checkpoint", "CKPT_RESUME=0"]),
+        ("release", True, {"FSDP": "1", "CKPT_RESUME": "0"}, ["--format fsdp_dtensor"]),
+        ("20", False, {}, ["fsdp_dtensor checkpoint", "set FSDP=1"]),
+    ],
+    ids=["resume-from-import", "fsdp-loads-torch-dist", "ddp-loads-fsdp-dtensor"],
+)
+def test_checkpoint_to_load_is_checked(tmp_path, step, torch_dist, knobs, needles):
+    ckpt = fake_checkpoint(tmp_path, step, torch_dist)
+    assert_fails(dry_run(tmp_path, CKPT_LOAD=ckpt, **knobs), *needles)
+
+
+def test_fine_tune_from_an_import_plans(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, "release", torch_dist=False)
+    out = assert_ok(dry_run(tmp_path, CKPT_LOAD=ckpt, CKPT_RESUME="0", FSDP="1", GPUS_PER_NODE="2"))
+    assert f"--load {ckpt} --finetune --no-load-optim --no-load-rng" in out
+    assert "--ckpt-format fsdp_dtensor" in out
+
+
 def test_cord_v2_without_data_path_names_the_flag(tmp_path):
     assert_fails(dry_run(tmp_path, DATASET="cord_v2"), "cord_v2 dataset needs --dataset-path")
 

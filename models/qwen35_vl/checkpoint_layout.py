@@ -1,8 +1,10 @@
-"""Where Qwen3.5-VL's weights live in a megatron-core 0.19 `torch_dist` checkpoint.
+"""Where Qwen3.5-VL's weights live in megatron-core 0.19 distributed checkpoints.
 
-Such a checkpoint stores every parameter under its ShardedTensor key as one global (unsharded)
-tensor, so one checkpoint loads into any TP / EP / DP layout. Keys follow the modules'
-`sharded_state_dict`; `tensor_chunks` and `extra_state_objects` restate those rules for our model.
+`torch_dist` stores every parameter under its ShardedTensor key as one global (unsharded) tensor,
+so one checkpoint loads into any TP / EP / DP layout; keys follow the modules' `sharded_state_dict`
+(`tensor_chunks`, `extra_state_objects`). Megatron-FSDP's `fsdp_dtensor` stores the model's
+`state_dict` names under `model.module.`, with SwiGLU fc1 weights split in halves
+(`fsdp_dtensor_chunks`).
 """
 
 from __future__ import annotations
@@ -150,3 +152,25 @@ def extra_state_objects(rules: list[WeightRule], config: Qwen35VLConfig) -> list
         else:
             objects.append(ExtraStateObject(f"{owner}._extra_state", (1,), (0,)))
     return objects
+
+
+# Megatron-FSDP's model keys: FSDP wrapper -> Float16Module -> model state-dict names.
+FSDP_MODEL_PREFIX = "model.module."
+# megatron 0.19's handle_swiglu_in_state_dict stores these fc1 tensors as `<name>_w` (first half
+# of the rows) and `<name>_v` (second half), except inside TransformerLayers whose config has no
+# gated linear unit: here the GELU vision blocks. The vision merger is no TransformerLayer, so its
+# (GELU) fc1 is split too; the split only names two halves, loading undoes it.
+_SWIGLU_FC1 = re.compile(r"\.mlp\.(experts\.|shared_experts\.)?linear_fc1\.(weight|bias)\d*$")
+
+
+def fsdp_dtensor_chunks(rule: WeightRule, shape: tuple[int, ...]) -> list[TensorChunk]:
+    """The `fsdp_dtensor` checkpoint entries that hold the (TP=1) megatron tensor of `rule`."""
+    key = FSDP_MODEL_PREFIX + rule.megatron
+    zeros = (0,) * len(shape)
+    if _SWIGLU_FC1.search(rule.megatron) and not _VISION_LAYER.match(rule.megatron):
+        half = shape[0] // 2
+        return [
+            TensorChunk(f"{key}_w", (half, *shape[1:]), zeros, (0, half)),
+            TensorChunk(f"{key}_v", (half, *shape[1:]), zeros, (half, shape[0])),
+        ]
+    return [TensorChunk(key, shape, zeros)]

@@ -190,7 +190,7 @@ def hf_side(config, samples, warmup: int, iters: int) -> dict:
 
     hf_config = config.to_hf_config(attn_implementation="sdpa")
     with torch.device("cuda"):
-        model = Qwen3_5ForConditionalGeneration._from_config(hf_config, torch_dtype=torch.bfloat16)
+        model = Qwen3_5ForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.cat([s["input_ids"] for s in samples]).unsqueeze(0).cuda()
