@@ -8,6 +8,7 @@ early (before any GPU work) with a message naming the flag to change.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -153,12 +154,31 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
             f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; "
             f"variant {config.name!r} is dense, use EP=1"
         )
+    check_gated_deltanet_heads(config, args.tensor_model_parallel_size, args.context_parallel_size)
     multiple = pad_multiple(args)
     if not args.packed_sequence and args.total_seq_length % multiple:
         raise ValueError(
             f"--total-seq-length {args.total_seq_length} must be a multiple of {multiple} "
             f"({pad_multiple_reason(args)}) for BSHD batches; change --total-seq-length or CP/TP"
         )
+
+
+def check_gated_deltanet_heads(config: Any, tp: int, cp: int) -> None:
+    """megatron's Gated DeltaNet shards its heads over TP, and under CP trades sequence for heads
+    in an all-to-all: each TP rank's key and value heads must split evenly over CP."""
+    text = config.text
+    if "linear_attention" not in text.layer_types:
+        return
+    for kind, heads in (
+        ("key", text.linear_num_key_heads),
+        ("value", text.linear_num_value_heads),
+    ):
+        if heads % (tp * cp):
+            raise ValueError(
+                f"Gated DeltaNet has {heads} {kind} heads, which do not split over TP {tp} x CP "
+                f"{cp} (megatron shards them over TP, then over CP in its all-to-all); choose TP "
+                f"x CP dividing {math.gcd(text.linear_num_key_heads, text.linear_num_value_heads)}"
+            )
 
 
 def pad_multiple_reason(args: argparse.Namespace) -> str:

@@ -23,6 +23,7 @@ fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 MBS=${MBS:-1}; SEQ_LEN=${SEQ_LEN:-4096}; PACKED=${PACKED:-0}
 DATASET=${DATASET:-mock}; DATA_PATH=${DATA_PATH:-}; HF_TOKENIZER_PATH=${HF_TOKENIZER_PATH:-}
+NUM_WORKERS=${NUM_WORKERS:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-3e-5}
 WARMUP_ITERS=${WARMUP_ITERS:-10}; SEED=${SEED:-1234}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-2}
@@ -99,7 +100,7 @@ ARGS=(
   --clip-grad 1.0 --init-method-std 0.02 --seed "$SEED"
   --bf16
   --tokenizer-type NullTokenizer
-  --dataset-provider "$DATASET" --dataloader-type external --num-workers 2
+  --dataset-provider "$DATASET" --dataloader-type external --num-workers "$NUM_WORKERS"
   --calculate-per-token-loss
   --manual-gc --manual-gc-interval 50
   --log-interval 1 --log-throughput --log-params-norm --log-timers-to-tensorboard

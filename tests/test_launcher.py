@@ -135,6 +135,10 @@ def test_moe_expert_parallel(tmp_path):
             ["--total-seq-length 1001 must be a multiple of 2"],
         ),
         ({"DETERMINISTIC": "1", "PACKED": "1"}, ["DETERMINISTIC=1 needs BSHD", "PACKED=0"]),
+        (
+            {"CP": "8", "GPUS_PER_NODE": "8", "PACKED": "1"},
+            ["Gated DeltaNet has 4 key heads", "TP 1 x CP 8", "dividing 4"],
+        ),
     ],
     ids=[
         "bad-variant",
@@ -146,6 +150,7 @@ def test_moe_expert_parallel(tmp_path):
         "seq-len-cp",
         "seq-len-tp-sp",
         "deterministic-packed",
+        "gdn-heads-over-cp",
     ],
 )
 def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):
