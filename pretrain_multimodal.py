@@ -117,17 +117,32 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 
 
 def token_throughput(args: argparse.Namespace) -> Any:
-    """tokens/s/GPU every log interval, printed under megatron's iteration line and written to
-    TensorBoard as `tokens-per-sec-per-gpu`."""
+    """Tokens/s/GPU and model TFLOP/s/GPU (with MFU on GPUs whose peak is listed) every log
+    interval, printed under megatron's iteration line and written to TensorBoard. The FLOPs come
+    from `scripts/bench/flops.py` (megatron's own TFLOP/s uses a GPT formula that knows neither
+    Gated DeltaNet nor the vision tower)."""
+    import torch
     from megatron.training import get_args, get_tensorboard_writer, print_rank_0
 
     from data.throughput import TokenThroughput
+    from scripts.bench.flops import batch_training_flops, peak_tflops_of
 
-    def report(iteration: int, rate: float, first: int, last: int) -> None:
-        print_rank_0(f" tokens per second per GPU: {rate:,.0f} (iterations {first}-{last})")
+    config = resolved_model_config(args)
+    peak = peak_tflops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+
+    def report(iteration: int, tokens: float, flops: float, first: int, last: int) -> None:
+        tflops = flops / 1e12
+        utilisation = f", MFU {100 * tflops / peak:.1f}%" if peak else ""
+        print_rank_0(
+            f" per GPU: {tokens:,.0f} tokens/s, {tflops:.1f} model TFLOP/s{utilisation} "
+            f"(iterations {first}-{last})"
+        )
         writer = get_tensorboard_writer()
         if writer is not None:
-            writer.add_scalar("tokens-per-sec-per-gpu", rate, iteration)
+            writer.add_scalar("tokens-per-sec-per-gpu", tokens, iteration)
+            writer.add_scalar("model-tflops-per-gpu", tflops, iteration)
+            if peak:
+                writer.add_scalar("mfu", tflops / peak, iteration)
 
     model_parallel_gpus = (
         args.tensor_model_parallel_size
@@ -139,6 +154,7 @@ def token_throughput(args: argparse.Namespace) -> Any:
         model_parallel_gpus,
         lambda: getattr(get_args(), "curr_iteration", 0),
         report,
+        lambda batch: batch_training_flops(config, batch),
     )
 
 

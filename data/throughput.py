@@ -1,6 +1,7 @@
-"""Tokens per second per GPU for megatron's training log: the training loader is wrapped so every
-micro-batch's real (non-padding) tokens are counted on the CPU, with no GPU sync, and the wall
-clock between iteration starts gives the rate. Intervals that contain an evaluation are dropped.
+"""Tokens and model FLOP/s per GPU for megatron's training log: the training loader is wrapped so
+every micro-batch's real (non-padding) tokens and model FLOPs are counted on the CPU, with no GPU
+sync, and the wall clock between iteration starts gives the rates. Intervals that contain an
+evaluation are dropped.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-# (iteration as megatron logs it, tokens/s/GPU, first and last iteration of the interval)
-Report = Callable[[int, float, int, int], None]
+# (iteration as megatron logs it, tokens/s/GPU, FLOP/s/GPU, first and last iteration)
+Report = Callable[[int, float, float, int, int], None]
 
 
 class TokenThroughput:
-    """Counts one data-parallel rank's tokens per iteration and reports tokens/s/GPU every
-    `log_interval` iterations. Each model-parallel group (TP x CP x PP GPUs) shares one
-    micro-batch stream, so a rank's rate per GPU is its tokens over time over that group size."""
+    """Counts one data-parallel rank's tokens and FLOPs per iteration and reports them per second
+    and GPU every `log_interval` iterations. Each model-parallel group (TP x CP x PP GPUs) shares
+    one micro-batch stream, so a rank's rate per GPU is its count over time over that group size.
+    `flops_of_batch` gives a micro-batch's training FLOPs (forward + backward)."""
 
     def __init__(
         self,
@@ -24,17 +26,19 @@ class TokenThroughput:
         model_parallel_gpus: int,
         current_iteration: Callable[[], int],
         report: Report,
+        flops_of_batch: Callable[[dict[str, Any]], float],
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.log_interval = log_interval
         self.model_parallel_gpus = model_parallel_gpus
         self.current_iteration = current_iteration
         self.report = report
+        self.flops_of_batch = flops_of_batch
         self.clock = clock
         self.iteration: int | None = None
         self.interval_start: tuple[int, float] | None = None
-        self.interval_tokens = 0
-        self.pending_tokens = 0
+        self.interval_tokens, self.interval_flops = 0, 0.0
+        self.pending_tokens, self.pending_flops = 0, 0.0  # of the iteration in progress
 
     def count_batch(self, batch: dict[str, Any]) -> None:
         """Called for every training micro-batch, before it reaches the GPU."""
@@ -42,26 +46,34 @@ class TokenThroughput:
         if iteration != self.iteration:
             self._start_iteration(iteration)
         self.pending_tokens += int(batch["padding_mask"].numel() - batch["padding_mask"].sum())
+        self.pending_flops += self.flops_of_batch(batch)
 
     def interrupt(self) -> None:
         """Evaluation ran: the interval in progress no longer measures training alone."""
         self.interval_start = None
-        self.interval_tokens = 0
 
     def _start_iteration(self, iteration: int) -> None:
         now = self.clock()
         if self.interval_start is not None:
             self.interval_tokens += self.pending_tokens
+            self.interval_flops += self.pending_flops
             first, started = self.interval_start
-            done = iteration - first
-            if done >= self.log_interval:
-                rate = self.interval_tokens / (now - started) / self.model_parallel_gpus
+            if iteration - first >= self.log_interval:
+                gpu_seconds = (now - started) * self.model_parallel_gpus
                 # megatron's 0-based `curr_iteration` k is the iteration its log calls k + 1.
-                self.report(iteration, rate, first + 1, iteration)
-                self.interval_start, self.interval_tokens = None, 0
+                self.report(
+                    iteration,
+                    self.interval_tokens / gpu_seconds,
+                    self.interval_flops / gpu_seconds,
+                    first + 1,
+                    iteration,
+                )
+                self.interval_start = None
         if self.interval_start is None:
-            self.interval_start, self.interval_tokens = (iteration, now), 0
-        self.iteration, self.pending_tokens = iteration, 0
+            self.interval_start = (iteration, now)
+            self.interval_tokens, self.interval_flops = 0, 0.0
+        self.iteration = iteration
+        self.pending_tokens, self.pending_flops = 0, 0.0
 
 
 def counted(loader: Iterator[dict[str, Any]], on_batch: Callable[[dict[str, Any]], None]):

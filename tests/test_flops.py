@@ -15,7 +15,9 @@ from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionCon
 from scripts.bench.flops import (
     PEAK_BF16_TFLOPS,
     FlopsBreakdown,
+    batch_training_flops,
     mfu,
+    peak_tflops_of,
     simple_6nd_flops,
     training_flops,
 )
@@ -205,3 +207,29 @@ def test_mfu() -> None:
 
 def test_empty_step() -> None:
     assert training_flops(DENSE, [], []) == FlopsBreakdown()
+
+
+@pytest.mark.parametrize("mode", ["bshd", "thd"])
+def test_batch_flops_use_real_lengths_and_image_grids(mode: str) -> None:
+    """The training log's FLOPs of a collated micro-batch: padding is not counted, packed
+    sequences are attended separately, every image's grid counts."""
+    from tests.gpu_harness import collate, make_sample, tiny_config
+
+    config = tiny_config()
+    samples = [
+        make_sample(config, 0, (30, 20), [(64, 96)]),
+        make_sample(config, 1, (30, 10, 10), [(32, 32), (64, 32)]),
+    ]
+    lengths = [int(s["input_ids"].numel()) for s in samples]
+    grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
+    batch = collate(samples, config, mode, seq_length=256, pad_multiple=8)
+    expected = training_flops(config, lengths, grids).total
+    assert batch_training_flops(config, batch) == pytest.approx(expected, rel=1e-12)
+    assert len(grids) == 3 and max(lengths) < 256  # padding present, three images
+
+
+def test_peak_by_device_name() -> None:
+    assert peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of("NVIDIA H200") == 989.0
+    assert peak_tflops_of("NVIDIA H100 PCIe") is None  # a lower peak, not listed
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") is None

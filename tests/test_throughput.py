@@ -1,6 +1,6 @@
-"""The tokens/s/GPU meter of the training log: counts real tokens per iteration, reports once per
-log interval in megatron's iteration numbering, divides by the model-parallel group, and drops
-intervals that contain an evaluation."""
+"""The tokens/s/GPU and FLOP/s/GPU meter of the training log: counts real tokens and FLOPs per
+iteration, reports once per log interval in megatron's iteration numbering, divides by the
+model-parallel group, and drops intervals that contain an evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class FakeRun:
     def __init__(self) -> None:
         self.iteration = 0
         self.now = 0.0
-        self.reports: list[tuple[int, float, int, int]] = []
+        self.reports: list[tuple[int, float, float, int, int]] = []
 
     def meter(self, log_interval: int, model_parallel_gpus: int = 1) -> TokenThroughput:
         return TokenThroughput(
@@ -23,6 +23,7 @@ class FakeRun:
             model_parallel_gpus,
             lambda: self.iteration,
             lambda *report: self.reports.append(report),
+            flops_of_batch=lambda batch: 10.0 * int((~batch["padding_mask"]).sum()),
             clock=lambda: self.now,
         )
 
@@ -42,7 +43,7 @@ def test_rate_per_log_interval_counts_real_tokens_only():
     run.iteration = 5
     meter.count_batch(batch(real=300, padding=100))
     # Iterations 1-2 (0-based 0, 1): 1200 tokens in 3 s; 3-4: 1200 tokens in 6 s; 5 is pending.
-    assert run.reports == [(2, 400.0, 1, 2), (4, 200.0, 3, 4)]
+    assert run.reports == [(2, 400.0, 4000.0, 1, 2), (4, 200.0, 2000.0, 3, 4)]
 
 
 def test_rate_is_per_gpu_of_the_model_parallel_group():
@@ -51,7 +52,7 @@ def test_rate_is_per_gpu_of_the_model_parallel_group():
     meter.count_batch(batch(real=800, padding=0))
     run.now, run.iteration = 2.0, 1
     meter.count_batch(batch(real=800, padding=0))
-    assert run.reports == [(1, 100.0, 1, 1)]
+    assert run.reports == [(1, 100.0, 1000.0, 1, 1)]
 
 
 def test_evaluation_drops_the_interval_it_falls_in():
@@ -69,4 +70,4 @@ def test_evaluation_drops_the_interval_it_falls_in():
     run.now, run.iteration = 12.0, 3
     next(training)
     assert len(validation) == 1
-    assert run.reports == [(1, 100.0, 1, 1), (3, 100.0, 3, 3)]
+    assert run.reports == [(1, 100.0, 1000.0, 1, 1), (3, 100.0, 1000.0, 3, 3)]

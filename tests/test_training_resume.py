@@ -170,16 +170,18 @@ def main(out: str) -> int:
 
 def print_throughput(tensorboard_dir: str) -> None:
     """The uninterrupted run's speed (measured alone on the GPU), for the results table."""
-    rates = read_scalars(tensorboard_dir, "tokens-per-sec-per-gpu")
-    times = read_scalars(tensorboard_dir, "iteration-time")
-    steady = sorted(v for i, v in rates.items() if i > 10)
-    step = sorted(v for i, v in times.items() if i > 10)
-    if steady and step:
-        rate, milliseconds = steady[len(steady) // 2], 1000 * step[len(step) // 2]
-        print(
-            f"| throughput of the uninterrupted run | {rate:,.0f} tokens/s/GPU | median of "
-            f"iterations 11-{max(rates)}, {milliseconds:.0f} ms/iteration |"
-        )
+    tags = ("tokens-per-sec-per-gpu", "model-tflops-per-gpu", "iteration-time")
+    rates, tflops, times = (read_scalars(tensorboard_dir, tag) for tag in tags)
+
+    def median_after_warmup(values: dict[int, float]) -> float:
+        steady = sorted(v for i, v in values.items() if i > 10)
+        return steady[len(steady) // 2] if steady else float("nan")
+
+    print(
+        f"| throughput of the uninterrupted run | {median_after_warmup(rates):,.0f} tokens/s/GPU, "
+        f"{median_after_warmup(tflops):.1f} model TFLOP/s/GPU | median of iterations 11-"
+        f"{max(rates, default=0)}, {1000 * median_after_warmup(times):.0f} ms/iteration |"
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 from data.collate import THD, CollateConfig, pack_or_pad_batch  # noqa: E402
 from data.mock import interleaved_sample  # noqa: E402
 from models.qwen35_vl.configuration import get_variant, interleaved_layer_types  # noqa: E402
-from scripts.bench.flops import PEAK_BF16_TFLOPS, mfu, training_flops  # noqa: E402
+from scripts.bench.flops import mfu, peak_tflops_of, training_flops  # noqa: E402
 
 # (text segment lengths, image sizes (h, w)): mixed lengths, 1-2 images each.
 PACK_SAMPLES = [
@@ -232,7 +232,9 @@ def main() -> None:
     grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
     tokens = sum(lengths)
     device = torch.cuda.get_device_name(0)
-    peak = PEAK_BF16_TFLOPS["H200" if "H200" in device else "H100 SXM"]
+    peak = peak_tflops_of(device)
+    if peak is None:
+        raise SystemExit(f"no bf16 peak listed for {device!r} in scripts/bench/flops.py")
 
     results = {"device": device, "config": config.name, "tokens_per_step": tokens, "peak": peak}
     sides = [

@@ -217,6 +217,28 @@ def training_flops(
     )
 
 
+def batch_training_flops(config: Qwen35VLConfig, batch: dict) -> float:
+    """`training_flops` of one collated micro-batch (`data.collate`): real (unpadded) sequence
+    lengths from `cu_seqlens` (THD) or the padding mask (BSHD), grids from its vision inputs."""
+    if batch.get("cu_seqlens") is not None:
+        lengths = batch["cu_seqlens"].diff().tolist()
+    else:
+        lengths = (~batch["padding_mask"]).sum(dim=1).tolist()
+    vision = batch.get("vision")
+    grids = [] if vision is None else [tuple(grid) for grid in vision.grid_thw.tolist()]
+    return training_flops(config, lengths, grids).total
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU named like `torch.cuda.get_device_name()`, if listed (the H100
+    SXM reports itself as "NVIDIA H100 80GB HBM3"; PCIe and NVL boards have lower peaks)."""
+    if "H200" in device_name:
+        return PEAK_BF16_TFLOPS["H200"]
+    if "H100" in device_name and "HBM3" in device_name:
+        return PEAK_BF16_TFLOPS["H100 SXM"]
+    return None
+
+
 def simple_6nd_flops(
     config: Qwen35VLConfig, num_tokens: int, sequence_length: int | None = None
 ) -> float:
