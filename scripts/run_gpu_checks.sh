@@ -3,10 +3,10 @@
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
 #   scripts/run_gpu_checks.sh parity|training|cord|convert|bench    OUT_DIR   # one GPU
-#   scripts/run_gpu_checks.sh cp|layouts|cp_curve                    OUT_DIR   # two GPUs
+#   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, training, cord, convert, bench, cp, layouts or cp_curve}
+STEP=${1:?step: parity, training, cord, convert, bench, cp, layouts, cp_curve or bench_cp}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -115,6 +115,11 @@ print(f"| data loading share of the step (proxy, mock, iterations {steady[0]}-{s
       f"| {100 * share:.2f}% | goal < 5% |")
 PY
     ;;
+  bench_cp)
+    # 32k-token packs: ours with CP=2 on two GPUs, HF on one (it has no context parallelism).
+    timeout 560 torchrun --standalone --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 \
+      --pack-tokens 32768 --warmup 2 --iters 5 > "$OUT/bench_cp.log" 2>&1
+    grep -E "^\{|^\|" "$OUT/bench_cp.log" ;;
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;

@@ -3,8 +3,11 @@ GPU: the same config (9B widths, 3:1 Gated DeltaNet:attention, fewer layers), th
 of mixed-length samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
 each side and the ratio, as one JSON line (plus a markdown row for docs/results.md); with
 --profile DIR also a torch-profiler trace of our steps and its time split (profile_summary.py).
+Under `torchrun --nproc-per-node N` ours runs with context parallelism N (HF, which has none,
+still gets one GPU for the whole row, and may run out of memory: that is reported as such).
 
     python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10 [--profile DIR]
+    torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
 TE layers, fla kernels, packed THD. HF: `Qwen3_5ForConditionalGeneration` in pure bf16 with fused
@@ -18,6 +21,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -53,8 +57,9 @@ def bench_config(layers: int):
     return dataclasses.replace(nine_b, name=f"9b-widths-{layers}-layers", text=text)
 
 
-def make_pack(config, pack_tokens: int) -> tuple[list[dict], dict]:
-    """Samples filling `pack_tokens` (the last one is trimmed/extended with text)."""
+def make_pack(config, pack_tokens: int, cp: int = 1) -> tuple[list[dict], dict]:
+    """Samples filling `pack_tokens` (the last one is trimmed/extended with text), packed with
+    every sequence padded to a multiple of 8 (and of 2 x CP, for the load-balanced CP split)."""
     samples = [
         interleaved_sample(config, seed, lengths, images)
         for seed, (lengths, images) in enumerate(PACK_SAMPLES)
@@ -69,7 +74,7 @@ def make_pack(config, pack_tokens: int) -> tuple[list[dict], dict]:
         pad_token_id=0,
         image_token_id=config.image_token_id,
         vision=config.vision,
-        pad_multiple=8,
+        pad_multiple=math.lcm(8, 2 * cp),
     )
     return samples, pack_or_pad_batch(samples, collate)
 
@@ -85,7 +90,11 @@ def time_steps(step, warmup: int, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def megatron_side(config, batch, warmup: int, iters: int, profile_dir: str = "") -> dict:
+def megatron_side(
+    config, batch, warmup: int, iters: int, cp: int = 1, profile_dir: str = ""
+) -> dict:
+    """Our training step; under CP each rank takes its share of the pack (forward_step's
+    partition) and the step is timed on every rank."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -96,10 +105,10 @@ def megatron_side(config, batch, warmup: int, iters: int, profile_dir: str = "")
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from forward_step import loss_func, run_model, to_device
+    from forward_step import loss_func, partition_for_context_parallel, run_model, to_device
     from models.qwen35_vl.factory import build_model
 
-    parallel_state.initialize_model_parallel()
+    parallel_state.initialize_model_parallel(context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1234)
     base = TransformerConfig(
         num_layers=2,
@@ -112,6 +121,7 @@ def megatron_side(config, batch, warmup: int, iters: int, profile_dir: str = "")
         cross_entropy_loss_fusion=True,
         cross_entropy_fusion_impl="native",
         bias_dropout_fusion=True,
+        context_parallel_size=cp,
     )
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
     language = model.language_model.config
@@ -128,7 +138,9 @@ def megatron_side(config, batch, warmup: int, iters: int, profile_dir: str = "")
     )
     language.finalize_model_grads_func = finalize_model_grads
     language.no_sync_func = model.no_sync
-    gpu_batch = to_device(batch, torch.device("cuda"))
+    gpu_batch = partition_for_context_parallel(
+        to_device(batch, torch.device("cuda")), parallel_state.get_context_parallel_group()
+    )
     forward_backward = get_forward_backward_func()
 
     def forward(data_iterator, model):
@@ -178,11 +190,13 @@ def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
             step()
             torch.cuda.synchronize()
             profiler.step()
+    if torch.distributed.get_rank() != 0:
+        return
     path = os.path.join(profile_dir, "megatron.pt.trace.json")
     profiler.export_chrome_trace(path)
     with open(path) as handle:
         summary = summary_markdown(json.load(handle))
-    print(f"profile of {steps} megatron steps ({path}):\n{summary}", flush=True)
+    print(f"profile of {steps} megatron steps on rank 0 ({path}):\n{summary}", flush=True)
 
 
 def hf_side(config, samples, warmup: int, iters: int) -> dict:
@@ -222,55 +236,74 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="directory for a profile of our steps")
     args = parser.parse_args()
 
+    # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=world)
     config = bench_config(args.layers)
-    samples, batch = make_pack(config, args.pack_tokens)
+    samples, batch = make_pack(config, args.pack_tokens, cp=world)
     lengths = [s["input_ids"].numel() for s in samples]
     grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
     tokens = sum(lengths)
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name()
     peak = peak_tflops_of(device)
     if peak is None:
         raise SystemExit(f"no bf16 peak listed for {device!r} in scripts/bench/flops.py")
 
-    results = {"device": device, "config": config.name, "tokens_per_step": tokens, "peak": peak}
-    sides = [
-        (
-            "megatron",
-            lambda: megatron_side(config, batch, args.warmup, args.iters, args.profile),
-        )
-    ]
-    if not args.skip_hf:
-        sides.append(("hf", lambda: hf_side(config, samples, args.warmup, args.iters)))
-    for name, run in sides:
+    results = {
+        "device": device,
+        "config": config.name,
+        "tokens_per_step": tokens,
+        "peak": peak,
+        "megatron_gpus": world,
+        "megatron_cp": world,
+    }
+    torch.cuda.reset_peak_memory_stats()
+    measured = megatron_side(config, batch, args.warmup, args.iters, world, args.profile)
+    # HF attends over the whole row; ours over each packed sample.
+    results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.skip_hf and rank == 0:
+        # HF has no context parallelism: one GPU holds the whole row, whatever `world` is.
         torch.cuda.reset_peak_memory_stats()
-        measured = run()
-        gc.collect()
-        torch.cuda.empty_cache()
-        # HF attends over the whole row; ours over each packed sample.
-        seqs = lengths if name == "megatron" else [tokens]
-        flops = training_flops(config, seqs, grids, include_mtp=False).total
-        measured["tokens_per_s_per_gpu"] = tokens / measured["step_seconds"]
-        measured["model_tflops_per_gpu"] = flops / measured["step_seconds"] / 1e12
-        measured["mfu"] = mfu(flops, measured["step_seconds"], 1, peak)
-        results[name] = measured
-    if "hf" in results:
-        results["speedup_tokens_per_s"] = (
-            results["megatron"]["tokens_per_s_per_gpu"] / results["hf"]["tokens_per_s_per_gpu"]
-        )
-    print(json.dumps(results), flush=True)
-    for name in ("megatron", "hf"):
-        if name in results:
-            r = results[name]
-            print(
-                f"| {device} | {name} | {config.name} | {tokens} | "
-                f"{r['tokens_per_s_per_gpu']:,.0f} | {r['model_tflops_per_gpu']:.0f} | "
-                f"{100 * r['mfu']:.1f}% | {r['max_memory_gib']:.1f} |"
+        try:
+            measured = hf_side(config, samples, args.warmup, args.iters)
+            results["hf"] = rates(measured, config, [tokens], grids, tokens, 1, peak)
+            results["speedup_tokens_per_s"] = (
+                results["megatron"]["tokens_per_s_per_gpu"] / results["hf"]["tokens_per_s_per_gpu"]
             )
+        except torch.cuda.OutOfMemoryError:
+            results["hf"] = {"error": f"out of memory at {tokens} tokens on one GPU"}
+    torch.distributed.barrier()
+    if rank == 0:
+        print(json.dumps(results), flush=True)
+        for name, gpus in (("megatron", world), ("hf", 1)):
+            r = results.get(name, {})
+            if "mfu" in r:
+                print(
+                    f"| {device} | {name} | {gpus} | {config.name} | {tokens} | "
+                    f"{r['tokens_per_s_per_gpu']:,.0f} | {r['model_tflops_per_gpu']:.0f} | "
+                    f"{100 * r['mfu']:.1f}% | {r['max_memory_gib']:.1f} |"
+                )
+            elif r:
+                print(f"| {device} | {name} | {gpus} | {config.name} | {tokens} | {r['error']} |")
     torch.distributed.destroy_process_group()
+
+
+def rates(measured: dict, config, seqs, grids, tokens: int, gpus: int, peak: float) -> dict:
+    """tokens/s/GPU, model TFLOP/s/GPU and MFU of a measured step on `gpus` GPUs."""
+    flops = training_flops(config, seqs, grids, include_mtp=False).total
+    seconds = measured["step_seconds"]
+    return {
+        **measured,
+        "tokens_per_s_per_gpu": tokens / seconds / gpus,
+        "model_tflops_per_gpu": flops / seconds / gpus / 1e12,
+        "mfu": mfu(flops, seconds, gpus, peak),
+    }
 
 
 if __name__ == "__main__":

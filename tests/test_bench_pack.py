@@ -1,0 +1,31 @@
+"""scripts/bench/bench_vs_hf.py's inputs and arithmetic on CPU: the THD pack holds exactly the
+requested tokens of mixed-length samples with images, every sequence padded to a multiple of 8 and
+of 2 x CP; per-GPU rates divide by the GPUs of the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from scripts.bench.bench_vs_hf import bench_config, make_pack, rates
+from scripts.bench.flops import training_flops
+
+
+@pytest.mark.parametrize("cp", [1, 2, 8])
+def test_pack_fills_the_requested_tokens(cp):
+    config = bench_config(4)
+    samples, batch = make_pack(config, 8192, cp)
+    lengths = [int(s["input_ids"].numel()) for s in samples]
+    assert sum(lengths) == 8192 and len(set(lengths)) == len(lengths)
+    padded = batch["cu_seqlens_padded"].diff().tolist()
+    assert all(p % 8 == 0 and p % (2 * cp) == 0 for p in padded)
+    assert all(0 <= p - n < max(8, 2 * cp) for p, n in zip(padded, lengths, strict=True))
+    assert batch["vision"].grid_thw.shape[0] == sum(s["image_grid_thw"].shape[0] for s in samples)
+
+
+def test_rates_are_per_gpu():
+    config = bench_config(4)
+    flops = training_flops(config, [1000, 3000], [], include_mtp=False).total
+    result = rates({"step_seconds": 2.0}, config, [1000, 3000], [], 4000, gpus=2, peak=989.0)
+    assert result["tokens_per_s_per_gpu"] == 1000.0
+    assert result["model_tflops_per_gpu"] == pytest.approx(flops / 4 / 1e12)
+    assert result["mfu"] == pytest.approx(flops / (2.0 * 2 * 989e12))
