@@ -119,8 +119,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 def token_throughput(args: argparse.Namespace) -> Any:
     """Tokens/s/GPU and model TFLOP/s/GPU (with MFU on GPUs whose peak is listed) every log
     interval, printed under megatron's iteration line and written to TensorBoard. The FLOPs come
-    from `scripts/bench/flops.py` (megatron's own TFLOP/s uses a GPT formula that knows neither
-    Gated DeltaNet nor the vision tower)."""
+    from `scripts/bench/flops.py` (megatron's own TFLOP/s counts the text decoder only)."""
     import torch
     from megatron.training import get_args, get_tensorboard_writer, print_rank_0
 
@@ -281,7 +280,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     with planning_device(early.dry_run):
         args = parse_and_validate_args(extra_args_provider=add_multimodal_args)
     validate_multimodal_args(args)
+    args.__class__ = SavedArgs
     return args
+
+
+class SavedArgs(argparse.Namespace):
+    """megatron's arguments, saved into checkpoints without `hybrid_layer_pattern`.
+
+    On load megatron-core 0.19 compares the saved pattern with the model it built: a saved pattern
+    but no `HybridModel` along the `.module` wrapper chain means "GPT run loading a hybrid
+    checkpoint" and raises. Our model wraps its HybridModel (vision tower in front), so a resume
+    would fail; the pattern (only used by megatron while training: layer counts for its FLOPs and
+    MoE logs) is pickled as `language_hybrid_layer_pattern` instead. Copies keep everything."""
+
+    def __reduce__(self):
+        state = dict(vars(self))
+        state["language_hybrid_layer_pattern"] = state.pop("hybrid_layer_pattern", None)
+        return argparse.Namespace, (), state
+
+    def __copy__(self) -> SavedArgs:
+        return SavedArgs(**vars(self))
+
+    def __deepcopy__(self, memo: dict) -> SavedArgs:
+        return SavedArgs(**copy.deepcopy(vars(self), memo))
 
 
 @contextlib.contextmanager

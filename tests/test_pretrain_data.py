@@ -1,7 +1,7 @@
-"""pretrain_multimodal.datasets_provider as megatron's pretrain() calls it, on CPU: megatron's
-own parsed arguments, the mock provider, our loader and collate, and the throughput meter that
-prints tokens/s and model TFLOP/s per GPU as iterations advance. Runs in a subprocess because
-megatron's argument parsing sets process-wide globals."""
+"""pretrain_multimodal on CPU with megatron's own parsed arguments: datasets_provider as pretrain()
+calls it (mock provider, our loader and collate, the throughput meter printing tokens/s and model
+TFLOP/s per GPU), and the arguments a checkpoint stores passing megatron's resume-time model check.
+Runs in a subprocess because megatron's argument parsing sets process-wide globals."""
 
 from __future__ import annotations
 
@@ -37,10 +37,26 @@ for iteration in range(3):
     if iteration == 1:
         next(valid)  # an evaluation after iteration 2: that interval is not reported
 print("batch", tuple(batch["input_ids"].shape), batch["loss_mask"].sum().item() > 0)
+
+# What a checkpoint stores of these arguments, and megatron's resume-time model check on it (our
+# model wraps its HybridModel, so the check sees no HybridModel along the wrapper chain).
+import copy, pickle, types, torch
+from megatron.training.checkpointing import _maybe_setup_gpt_to_hybrid_load
+saved = pickle.loads(pickle.dumps(args))
+print("saved", type(saved).__name__, hasattr(saved, "hybrid_layer_pattern"),
+      saved.language_hybrid_layer_pattern == args.hybrid_layer_pattern)
+print("copies keep it", copy.deepcopy(args).hybrid_layer_pattern == args.hybrid_layer_pattern,
+      copy.copy(args).hybrid_layer_pattern == args.hybrid_layer_pattern)
+wrapper = [torch.nn.Linear(1, 1)]
+print("resume check", _maybe_setup_gpt_to_hybrid_load(args, saved, wrapper))
+try:
+    _maybe_setup_gpt_to_hybrid_load(args, types.SimpleNamespace(**vars(args)), wrapper)
+except RuntimeError as error:
+    print("unfiltered args", "saved by a hybrid model run" in str(error))
 """
 
 
-def test_datasets_provider_feeds_batches_and_logs_throughput():
+def test_data_throughput_and_saved_arguments():
     env = dict(os.environ, WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     probe = [sys.executable, "-c", PROBE]
@@ -52,3 +68,7 @@ def test_datasets_provider_feeds_batches_and_logs_throughput():
     lines = [line for line in out.splitlines() if line.startswith(" per GPU:")]
     assert len(lines) == 1 and lines[0].endswith("(iterations 1-1)"), lines
     assert "tokens/s" in lines[0] and "model TFLOP/s" in lines[0]
+    assert "saved Namespace False True" in out
+    assert "copies keep it True True" in out
+    assert "resume check (None, False)" in out
+    assert "unfiltered args True" in out  # what megatron would do with the pattern saved
