@@ -71,7 +71,11 @@ case "$TIMING_LOG_LEVEL" in 0|1|2) ;; *) die "TIMING_LOG_LEVEL=$TIMING_LOG_LEVEL
 # checkpoints only: say so here instead of failing deep inside megatron's loader.
 check_checkpoint_to_load() {
   local tracker="$CKPT_LOAD/latest_checkpointed_iteration.txt" step dir
-  [ -f "$tracker" ] || die "CKPT_LOAD=$CKPT_LOAD has no latest_checkpointed_iteration.txt: give a save directory or one written by scripts/convert_hf_checkpoint.py import"
+  if [ ! -f "$tracker" ]; then
+    # CKPT_LOAD = CKPT_SAVE is the auto-resume setup: its first run starts from scratch.
+    [ "$CKPT_LOAD" = "$CKPT_SAVE" ] && return 0
+    die "CKPT_LOAD=$CKPT_LOAD has no latest_checkpointed_iteration.txt: give a save directory or one written by scripts/convert_hf_checkpoint.py import (or set CKPT_SAVE to the same directory to resume automatically)"
+  fi
   step=$(cat "$tracker")
   if [ "$step" = release ]; then
     [ "$CKPT_RESUME" = 0 ] || die "CKPT_LOAD=$CKPT_LOAD is an imported (release) checkpoint with weights only (no optimizer, iteration or RNG state): set CKPT_RESUME=0 to fine-tune from it"

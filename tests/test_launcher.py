@@ -183,6 +183,13 @@ def test_checkpoint_to_load_is_checked(tmp_path, step, torch_dist, knobs, needle
     assert_fails(dry_run(tmp_path, CKPT_LOAD=ckpt, **knobs), *needles)
 
 
+def test_missing_checkpoint_fails_unless_it_is_the_auto_resume_directory(tmp_path):
+    missing = str(tmp_path / "nothing_here")
+    assert_fails(dry_run(tmp_path, CKPT_LOAD=missing), "has no latest_checkpointed_iteration.txt")
+    out = assert_ok(dry_run(tmp_path, CKPT_LOAD=missing, CKPT_SAVE=missing))
+    assert f"--save {missing}" in out and f"--load {missing}" in out
+
+
 def test_fine_tune_from_an_import_plans(tmp_path):
     ckpt = fake_checkpoint(tmp_path, "release", torch_dist=False)
     out = assert_ok(dry_run(tmp_path, CKPT_LOAD=ckpt, CKPT_RESUME="0", FSDP="1", GPUS_PER_NODE="2"))
