@@ -128,19 +128,20 @@ fi
 [ -n "$HF_TOKENIZER_PATH" ] && ARGS+=(--hf-tokenizer-path "$HF_TOKENIZER_PATH")
 [ -n "$MTP_NUM_LAYERS" ] && ARGS+=(--mtp-num-layers "$MTP_NUM_LAYERS")
 if [ "$FSDP" = 1 ]; then
-  # megatron-fsdp shards parameters, gradients and optimizer state; gradient-accumulation fusion
-  # stays on. It needs CUDA_DEVICE_MAX_CONNECTIONS > 1 and the fsdp_dtensor checkpoint format.
+  # megatron-fsdp shards parameters, gradients and optimizer state. It needs
+  # CUDA_DEVICE_MAX_CONNECTIONS > 1 and the fsdp_dtensor checkpoint format.
   ARGS+=(--use-megatron-fsdp --data-parallel-sharding-strategy optim_grads_params
          --use-distributed-optimizer --ckpt-format fsdp_dtensor)
   export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-8}
 else
   ARGS+=(--use-distributed-optimizer --overlap-grad-reduce --ckpt-format torch_dist)
   export CUDA_DEVICE_MAX_CONNECTIONS=1
-  if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
-    # megatron's (non-TE) output layer needs APEX's kernel for gradient-accumulation fusion.
-    echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
-    ARGS+=(--no-gradient-accumulation-fusion)
-  fi
+fi
+if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
+  # megatron's (non-TE) output layer refuses gradient-accumulation fusion without APEX's kernel,
+  # with megatron-fsdp too (its fusion through TE covers the TE layers only).
+  echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
+  ARGS+=(--no-gradient-accumulation-fusion)
 fi
 if [ "$NUM_EXPERTS" -gt 0 ]; then
   ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)

@@ -99,6 +99,8 @@ def test_fsdp(tmp_path):
     out = assert_ok(dry_run(tmp_path, FSDP="1", GPUS_PER_NODE="2"))
     assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2" in out
     assert "megatron-fsdp (optim_grads_params)" in out
+    # megatron's output layer is no TE layer: without APEX it refuses fused grad accumulation.
+    assert "--no-gradient-accumulation-fusion" in out
 
 
 def test_tp_cp_packed(tmp_path):
