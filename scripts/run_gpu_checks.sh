@@ -3,10 +3,12 @@
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
 #   scripts/run_gpu_checks.sh parity|training|cord|convert|bench    OUT_DIR   # one GPU
+#   scripts/run_gpu_checks.sh side_by_side                           OUT_DIR   # parity, convert
+#                                      and cord at once on one GPU (their timings are not reported)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, training, cord, convert, bench, cp, layouts, cp_curve or bench_cp}
+STEP=${1:?step: parity, training, cord, convert, bench, side_by_side, cp, layouts, cp_curve or bench_cp}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -46,6 +48,12 @@ PY
 }
 
 case "$STEP" in
+  side_by_side)
+    for step in parity convert cord; do
+      "$PWD/scripts/run_gpu_checks.sh" "$step" "$(dirname "$OUT")" > "$OUT/$step.summary" 2>&1 &
+    done
+    wait
+    for step in parity convert cord; do echo "### $step"; cat "$OUT/$step.summary"; done ;;
   parity)
     timeout 560 torchrun --standalone --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1
     table "$OUT/parity.log" ;;
