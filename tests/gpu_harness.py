@@ -293,5 +293,5 @@ needs_cuda = pytest.mark.skipif(
 
 def run_with_torchrun(script: str, processes: int = 1) -> None:
     """pytest's way into a GPU test script: run it under torchrun, fail on a non-zero exit."""
-    command = ["torchrun", "--nproc-per-node", str(processes), os.path.abspath(script)]
-    subprocess.run(command, check=True)
+    command = ["torchrun", "--standalone", "--nproc-per-node", str(processes)]
+    subprocess.run([*command, os.path.abspath(script)], check=True)
