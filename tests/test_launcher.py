@@ -103,6 +103,11 @@ def test_fsdp(tmp_path):
     assert "--no-gradient-accumulation-fusion" in out
 
 
+def test_logging_and_loader_knobs(tmp_path):
+    out = assert_ok(dry_run(tmp_path, TIMING_LOG_LEVEL="2", NUM_WORKERS="5"))
+    assert "--timing-log-level 2" in out and "--num-workers 5" in out
+
+
 def test_tp_cp_packed(tmp_path):
     out = assert_ok(dry_run(tmp_path, TP="2", CP="2", GPUS_PER_NODE="4", PACKED="1"))
     assert "world 4 = TP 2 x CP 2 x PP 1 x DP 1" in out
@@ -137,6 +142,7 @@ def test_moe_expert_parallel(tmp_path):
             ["--total-seq-length 1001 must be a multiple of 2"],
         ),
         ({"DETERMINISTIC": "1", "PACKED": "1"}, ["DETERMINISTIC=1 needs BSHD", "PACKED=0"]),
+        ({"TIMING_LOG_LEVEL": "3"}, ["TIMING_LOG_LEVEL=3", "use 0, 1 or 2"]),
         (
             {"CP": "8", "GPUS_PER_NODE": "8", "PACKED": "1"},
             ["Gated DeltaNet has 4 key heads", "TP 1 x CP 8", "dividing 4"],
@@ -152,6 +158,7 @@ def test_moe_expert_parallel(tmp_path):
         "seq-len-cp",
         "seq-len-tp-sp",
         "deterministic-packed",
+        "timing-level",
         "gdn-heads-over-cp",
     ],
 )
