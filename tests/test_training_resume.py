@@ -36,7 +36,7 @@ SAVE_AT = int(os.environ.get("VERIFY_SAVE_AT", "100"))
 KILL_ITERS, KILL_SAVE, KILL_AT = 60, 20, 50
 COMMON = {
     "MODEL_VARIANT": "proxy",
-    "SEQ_LEN": "2048",
+    "SEQ_LEN": "1024",  # keeps the whole check inside one 10-minute device call
     "GBS": "8",
     "MBS": "1",
     "EVAL_INTERVAL": "100",
