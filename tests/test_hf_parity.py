@@ -310,7 +310,8 @@ def main() -> int:
                 ("vision fp32", partial(vision_checks, config, hf, "fp32")),
                 ("vision bf16", partial(vision_checks, config, hf, "bf16")),
             ]
-        no_tf32 = " (NVIDIA_TF32_OVERRIDE=0)" if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else ""
+        tf32_refused = os.environ.get("NVIDIA_TF32_OVERRIDE") == "0"
+        no_tf32 = " (NVIDIA_TF32_OVERRIDE=0)" if tf32_refused else ""
         for title, run in sections:
             ok &= print_table(f"HF parity, {tag}: {title}{no_tf32}", run_section(title, run))
         del hf
