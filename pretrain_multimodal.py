@@ -77,7 +77,6 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     from megatron.core import parallel_state
     from megatron.training import get_args, print_rank_0
 
-    from data.collate import BSHD, THD, CollateConfig
     from data.loader import build_loader
     from data.throughput import counted
 
@@ -85,15 +84,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     config = resolved_model_config(args)
     provider = get_model_entry(args.model_name).dataset_provider(args.dataset_provider)
     splits = provider(args, config, train_val_test_num_samples)
-    collate = CollateConfig(
-        mode=THD if args.packed_sequence else BSHD,
-        seq_length=args.total_seq_length,
-        pad_token_id=splits.pad_token_id,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
-        pad_multiple=pad_multiple(args),
-        ignored_label_ids=splits.ignored_label_ids,
-    )
+    collate = collate_config(args, config, splits)
     print_rank_0(
         f"> {args.dataset_provider} data: train {len(splits.train)}, valid {len(splits.valid)}, "
         f"test {len(splits.test)} samples; {collate.mode.upper()} batches of "
@@ -114,6 +105,22 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
     )
     meter = token_throughput(args)
     return counted(train, meter.count_batch), counted(valid, lambda _: meter.interrupt()), test
+
+
+def collate_config(args: argparse.Namespace, config: Any, splits: Any) -> Any:
+    """How micro-batches are built from samples: THD packs or padded BSHD rows of
+    --total-seq-length, lengths a multiple of what CP / sequence parallelism split."""
+    from data.collate import BSHD, THD, CollateConfig
+
+    return CollateConfig(
+        mode=THD if args.packed_sequence else BSHD,
+        seq_length=args.total_seq_length,
+        pad_token_id=splits.pad_token_id,
+        image_token_id=config.image_token_id,
+        vision=config.vision,
+        pad_multiple=pad_multiple(args),
+        ignored_label_ids=splits.ignored_label_ids,
+    )
 
 
 def token_throughput(args: argparse.Namespace) -> Any:

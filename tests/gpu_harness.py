@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import traceback
 from collections.abc import Sequence
@@ -289,6 +290,13 @@ def run_section(title: str, run) -> list[Check]:
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torchrun script)"
 )
+
+
+def free_port() -> int:
+    """A TCP port nobody holds now, for launchers that share one machine."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def run_with_torchrun(script: str, processes: int = 1) -> None:

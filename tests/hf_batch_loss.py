@@ -40,25 +40,19 @@ def first_global_batch(config, args: argparse.Namespace) -> list[tuple[dict, dic
     """(sample, collated micro-batch) pairs of iteration 1, as `pretrain_multimodal.py` builds them
     for the mock provider at micro-batch 1 and data-parallel size 1."""
     from arguments import add_multimodal_args
-    from data.collate import BSHD, CollateConfig
     from data.loader import build_loader
     from models import get_model_entry
+    from pretrain_multimodal import collate_config
 
     data_args = add_multimodal_args(argparse.ArgumentParser()).parse_args([])
     data_args.total_seq_length = args.seq_len
     data_args.micro_batch_size, data_args.data_parallel_size = 1, 1
+    data_args.tensor_model_parallel_size = data_args.context_parallel_size = 1
+    data_args.sequence_parallel = False
     data_args.seed = args.seed
     provider = get_model_entry("qwen35_vl").dataset_provider("mock")
     splits = provider(data_args, config, (args.train_iters * args.gbs, 0, 0))
-    collate = CollateConfig(
-        mode=BSHD,
-        seq_length=args.seq_len,
-        pad_token_id=splits.pad_token_id,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
-        pad_multiple=1,
-        ignored_label_ids=splits.ignored_label_ids,
-    )
+    collate = collate_config(data_args, config, splits)
     recorded = RecordingDataset(splits.train)
     loader = build_loader(recorded, collate, 0, 1, 0, 1, num_workers=0)
     batches = [next(loader) for _ in range(args.gbs)]

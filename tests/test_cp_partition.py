@@ -7,7 +7,6 @@ tests/test_cp_thd_correctness.py.)"""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 
 import forward_step
 from forward_step import TOKEN_KEYS, partition_for_context_parallel
+from tests.gpu_harness import free_port
 
 BATCH, SEQ = 2, 16
 
@@ -33,12 +33,6 @@ def full_batch(seq: int = SEQ) -> dict:
         "vision": None,
         "cu_seqlens_padded": None,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def partition_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:

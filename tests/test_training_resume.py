@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from scripts.plot_training import read_scalars  # noqa: E402
-from tests.gpu_harness import Check, print_table  # noqa: E402
+from tests.gpu_harness import Check, free_port, print_table  # noqa: E402
 
 ITERS = int(os.environ.get("VERIFY_TRAIN_ITERS", "300"))
 SAVE_AT = int(os.environ.get("VERIFY_SAVE_AT", "100"))
@@ -55,12 +54,6 @@ def launch(out: str, name: str, extra_args: tuple[str, ...] = (), **env: str) ->
         cwd=REPO,
         start_new_session=True,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
 
 
 def run(out: str, name: str, extra_args: tuple[str, ...] = (), **env: str) -> str:
