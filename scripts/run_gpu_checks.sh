@@ -2,13 +2,13 @@
 # Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
-#   scripts/run_gpu_checks.sh parity|training|cord|convert|bench    OUT_DIR   # one GPU
-#   scripts/run_gpu_checks.sh side_by_side                           OUT_DIR   # parity, convert
-#                                      and cord at once on one GPU (their timings are not reported)
+#   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench OUT_DIR  # one GPU
+#   scripts/run_gpu_checks.sh side_by_side                           OUT_DIR   # thd, parity,
+#                          convert and training at once on one GPU (their timings are not reported)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, training, cord, convert, bench, side_by_side, cp, layouts, cp_curve or bench_cp}
+STEP=${1:?step: parity, thd, training, cord, convert, bench, side_by_side, cp, layouts, cp_curve or bench_cp}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -49,20 +49,34 @@ PY
 
 case "$STEP" in
   side_by_side)
-    for step in parity convert cord; do
+    for step in thd parity convert training; do
       "$PWD/scripts/run_gpu_checks.sh" "$step" "$(dirname "$OUT")" > "$OUT/$step.summary" 2>&1 &
     done
     wait
-    for step in parity convert cord; do echo "### $step"; cat "$OUT/$step.summary"; done ;;
+    for step in thd parity convert training; do echo "### $step"; cat "$OUT/$step.summary"; done ;;
   parity)
-    timeout 280 torchrun --standalone --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1
-    table "$OUT/parity.log"
-    # The same with TF32 refused by cuBLAS (TE included): fp32 rows then face the goals themselves.
+    # Both at once: with TF32 as training runs it, and with TF32 refused by cuBLAS (TE included),
+    # where the fp32 rows face the goals themselves.
+    timeout 280 torchrun --standalone --nproc-per-node 1 tests/test_hf_parity.py > "$OUT/parity.log" 2>&1 &
     NVIDIA_TF32_OVERRIDE=0 timeout 280 torchrun --standalone --nproc-per-node 1 \
       tests/test_hf_parity.py > "$OUT/parity_no_tf32.log" 2>&1
+    wait
+    table "$OUT/parity.log"
     echo "### NVIDIA_TF32_OVERRIDE=0"; table "$OUT/parity_no_tf32.log" ;;
+  thd)
+    # TE's THD attention backward alone, under its default backend choice, cuDNN's deterministic
+    # backward, and with fused attention off; then whole training steps, THD against BSHD.
+    for setting in BACKEND_CHOICE=default NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 NVTE_FUSED_ATTN=0; do
+      env "$setting" NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 150 torchrun --standalone \
+        --nproc-per-node 1 tests/test_te_thd_attention.py > "$OUT/te_thd_$setting.log" 2>&1
+      grep -m1 -E "^cuDNN" "$OUT/te_thd_$setting.log"
+      grep -m2 -iE "selected backend|available backends" "$OUT/te_thd_$setting.log" | cut -c1-200
+      table "$OUT/te_thd_$setting.log"
+    done
+    timeout 330 torchrun --standalone --nproc-per-node 1 tests/test_thd_backward.py > "$OUT/thd.log" 2>&1
+    table "$OUT/thd.log" ;;
   training)
-    timeout 580 "$PYTHON" tests/test_training_resume.py "$OUT/runs" > "$OUT/training.log" 2>&1
+    timeout 500 "$PYTHON" tests/test_training_resume.py "$OUT/runs" > "$OUT/training.log" 2>&1
     table "$OUT/training.log"
     rm -rf "$OUT"/runs/*ckpt*
     # The loss curve as a PNG where matplotlib is installed (else draw it later from the events).

@@ -24,7 +24,9 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 MBS=${MBS:-1}; SEQ_LEN=${SEQ_LEN:-4096}; PACKED=${PACKED:-0}
 DATASET=${DATASET:-mock}; DATA_PATH=${DATA_PATH:-}; HF_TOKENIZER_PATH=${HF_TOKENIZER_PATH:-}
 NUM_WORKERS=${NUM_WORKERS:-2}
-TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-3e-5}
+TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}
+# The cosine schedule ends at a tenth of the peak unless MIN_LR says otherwise.
+MIN_LR=${MIN_LR:-$(awk -v lr="$LR" 'BEGIN { printf "%g", lr / 10 }')}
 WARMUP_ITERS=${WARMUP_ITERS:-10}; SEED=${SEED:-1234}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-2}
 RUN_DIR=${RUN_DIR:-runs/qwen35_vl_${MODEL_VARIANT}}
@@ -63,6 +65,8 @@ DP=$((WORLD_SIZE / (TP * CP * PP)))
 # Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
 GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
 case "$CP_COMM_TYPE" in p2p|a2a|a2a+p2p|allgather) ;; *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;; esac
+awk -v lr="$LR" -v min="$MIN_LR" 'BEGIN { exit !(min + 0 <= lr + 0) }' \
+  || die "MIN_LR=$MIN_LR is above LR=$LR: the cosine schedule decays from LR down to MIN_LR"
 case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
 case "$TIMING_LOG_LEVEL" in 0|1|2) ;; *) die "TIMING_LOG_LEVEL=$TIMING_LOG_LEVEL: use 0, 1 or 2 (2 adds the data timer batch-generator; each level adds CUDA syncs)" ;; esac

@@ -236,6 +236,15 @@ def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
     return run_model(model, to_device(batch, torch.device("cuda")), with_labels)
 
 
+def poison_cached_memory(gib: float = 2.0) -> None:
+    """Fill a block of the CUDA caching allocator with 0xFF bytes (NaN in every float dtype) and
+    hand it back to the cache: tensors allocated next without being written read as NaN, which
+    makes a kernel's unwritten outputs visible instead of depending on what was freed before."""
+    block = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    block.fill_(0xFF)
+    del block
+
+
 # ---- reporting ----------------------------------------------------------------------------------
 
 

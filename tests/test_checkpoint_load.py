@@ -117,6 +117,9 @@ def checkpoint_checks(moe: bool, workdir: str):
     )
 
     loaded = dist_checkpointing.load(model.sharded_state_dict(metadata=sharded_metadata()), release)
+    # The common state megatron's loader reads beside the weights comes back merged in.
+    common = {key: loaded.pop(key, None) for key in ("checkpoint_version", "iteration")}
+    yield Check(f"{tag} common state: iteration", float(common["iteration"] != 0), 0, str(common))
     model.load_state_dict(loaded, strict=True)
     reference = build_megatron(config, torch.bfloat16)
     load_hf_tensors(reference, hf_tensors, config)

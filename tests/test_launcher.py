@@ -108,6 +108,12 @@ def test_logging_and_loader_knobs(tmp_path):
     assert "--timing-log-level 2" in out and "--num-workers 5" in out
 
 
+def test_min_lr_follows_a_low_peak(tmp_path):
+    # Fine-tuning peaks are often below the pretraining floor: MIN_LR defaults to LR / 10.
+    out = assert_ok(dry_run(tmp_path, LR="1e-5"))
+    assert "--lr 1e-5 --min-lr 1e-06" in out
+
+
 def test_tp_cp_packed(tmp_path):
     out = assert_ok(dry_run(tmp_path, TP="2", CP="2", GPUS_PER_NODE="4", PACKED="1"))
     assert "world 4 = TP 2 x CP 2 x PP 1 x DP 1" in out
@@ -143,6 +149,7 @@ def test_moe_expert_parallel(tmp_path):
         ),
         ({"DETERMINISTIC": "1", "PACKED": "1"}, ["DETERMINISTIC=1 needs BSHD", "PACKED=0"]),
         ({"TIMING_LOG_LEVEL": "3"}, ["TIMING_LOG_LEVEL=3", "use 0, 1 or 2"]),
+        ({"LR": "1e-5", "MIN_LR": "3e-5"}, ["MIN_LR=3e-5 is above LR=1e-5"]),
         (
             {"CP": "8", "GPUS_PER_NODE": "8", "PACKED": "1"},
             ["Gated DeltaNet has 4 key heads", "TP 1 x CP 8", "dividing 4"],
@@ -159,6 +166,7 @@ def test_moe_expert_parallel(tmp_path):
         "seq-len-tp-sp",
         "deterministic-packed",
         "timing-level",
+        "min-lr-above-lr",
         "gdn-heads-over-cp",
     ],
 )

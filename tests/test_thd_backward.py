@@ -1,0 +1,226 @@
+"""Packed (THD) training steps against padded (BSHD) ones on one GPU, as training runs them (GPU).
+
+    torchrun --nproc-per-node 1 tests/test_thd_backward.py
+
+The proxy model with its MTP layer and training's fusions (fused cross entropy, bias-dropout-add)
+takes the same mock samples with images as a BSHD batch and as THD packs (one sequence per pack,
+as MBS=1 trains, and all of them in one pack); MTP and the fusions are also switched off one at a
+time. The CUDA cache is filled with NaN bytes before each step, so unwritten memory shows.
+Every gradient must be finite; THD must match BSHD to the bf16 floor: loss <= 1e-3 relative,
+gradient norm <= 1e-2 relative (padding changes GEMM shapes and so the bf16 accumulation order).
+A non-finite gradient is traced to its module: the detail names the last modules (in forward
+order) whose outputs received non-finite gradients and the first ones after them that did not;
+the culprit's backward sits at that boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.gpu_harness import (
+    Check,
+    build_megatron,
+    collate,
+    init_distributed,
+    make_sample,
+    needs_cuda,
+    poison_cached_memory,
+    print_table,
+    run_section,
+    run_with_torchrun,
+    set_model_parallel,
+)
+
+# (seed, text lengths, image sizes): unequal lengths, none a multiple of the 64-token GDN chunk.
+SAMPLES = [
+    (51, (40, 300, 37), ((128, 224), (320, 96))),
+    (52, (150, 91), ((160, 160),)),
+    (53, (77, 500), ((224, 224),)),
+]
+TRAINING_FUSIONS = dict(
+    cross_entropy_loss_fusion=True,
+    cross_entropy_fusion_impl="native",
+    bias_dropout_fusion=True,
+    masked_softmax_fusion=True,
+)
+
+
+class NonFiniteGradientTrace:
+    """Records, per module in forward-completion order, whether the gradient reaching its output
+    was finite. Only for diagnosis: each recorded gradient costs a device sync."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names: list[str] = []
+        self.finite: dict[int, bool] = {}
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if name
+        ]
+
+    def _hook(self, name: str):
+        def on_forward(module, inputs, output):
+            index = len(self.names)
+            self.names.append(name)
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            for tensor in outputs:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(self._record(index))
+
+        return on_forward
+
+    def _record(self, index: int):
+        def on_gradient(gradient: torch.Tensor) -> None:
+            finite = bool(torch.isfinite(gradient).all())
+            self.finite[index] = self.finite.get(index, True) and finite
+
+        return on_gradient
+
+    def boundary(self) -> str:
+        bad = [i for i, ok in self.finite.items() if not ok]
+        if not bad:
+            return "all module output gradients finite"
+        last_bad = max(bad)
+        after = [i for i in sorted(self.finite) if i > last_bad][:3]
+        return (
+            f"last non-finite outputs: {[self.names[i] for i in sorted(bad)[-3:]]}; "
+            f"next finite: {[self.names[i] for i in after]}"
+        )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, list[str], str]:
+    """Per-token mean loss, gradient norm, parameters with non-finite gradients and (with
+    `trace`) where the first non-finite gradient arose."""
+    from forward_step import run_model, to_device
+
+    model.zero_grad(set_to_none=True)
+    poison_cached_memory()
+    tracer = NonFiniteGradientTrace(model) if trace else None
+    batch = to_device(cpu_batch, torch.device("cuda"))
+    losses = run_model(model, batch)
+    mask = batch["loss_mask"].float()
+    loss = torch.sum(losses.float() * mask) / mask.sum()
+    loss.backward()
+    squares, non_finite = torch.zeros((), device="cuda", dtype=torch.float64), []
+    for name, parameter in model.named_parameters():
+        if parameter.grad is None:
+            continue
+        if not torch.isfinite(parameter.grad).all():
+            non_finite.append(name)
+        squares += parameter.grad.double().pow(2).sum()
+    where = ""
+    if tracer is not None:
+        where = tracer.boundary()
+        tracer.remove()
+    return float(loss), float(squares.sqrt()), non_finite, where
+
+
+def trace_non_finite(model, cpu_batch) -> str:
+    """The step again with the module trace; a trace that cannot run says why instead."""
+    try:
+        return training_step(model, cpu_batch, trace=True)[3]
+    except RuntimeError as error:
+        return f"trace failed: {error}"[:200]
+
+
+def thd_checks(model, config, label: str) -> list[Check]:
+    samples = [make_sample(config, *spec) for spec in SAMPLES]
+    longest = max(s["input_ids"].numel() for s in samples)
+    seq_length = -(-longest // 8) * 8
+    batches = {
+        "BSHD": collate(samples, config, "bshd", seq_length, pad_multiple=8),
+        "THD, all in one pack": collate(samples, config, "thd", seq_length, pad_multiple=8),
+    }
+    for index, sample in enumerate(samples):
+        batches[f"THD, sample {index} alone"] = collate([sample], config, "thd", seq_length, 8)
+    bshd_loss, bshd_norm, _, _ = training_step(model, batches["BSHD"])
+    # The BSHD reference is the mean over all samples; single-sample packs compare with the
+    # same sample padded alone.
+    alone = {
+        index: training_step(model, collate([s], config, "bshd", seq_length, 8))[:2]
+        for index, s in enumerate(samples)
+    }
+    checks = []
+    for mode, batch in batches.items():
+        loss, norm, non_finite, where = training_step(model, batch)
+        if non_finite:
+            where = trace_non_finite(model, batch)
+        reference = (bshd_loss, bshd_norm)
+        if "alone" in mode:
+            reference = alone[int(mode.split()[2])]
+        checks.append(
+            Check(
+                f"{label}: {mode}: parameters with non-finite gradients",
+                len(non_finite),
+                0,
+                f"last of {len(non_finite)}: {non_finite[-3:]}; {where}" if non_finite else where,
+            )
+        )
+        if mode == "BSHD":
+            continue
+        checks.append(
+            Check(
+                f"{label}: {mode} vs BSHD loss rel",
+                abs(loss - reference[0]) / abs(reference[0]),
+                1e-3,
+                f"{loss:.6f} vs {reference[0]:.6f}",
+            )
+        )
+        checks.append(
+            Check(
+                f"{label}: {mode} vs BSHD grad-norm rel",
+                abs(norm - reference[1]) / reference[1],
+                1e-2,
+                f"{norm:.5f} vs {reference[1]:.5f}",
+            )
+        )
+    return checks
+
+
+def variant_checks(label: str, overrides: dict, mtp_layers: int) -> list[Check]:
+    from models.qwen35_vl.configuration import get_variant
+
+    config = get_variant("proxy").with_mtp_layers(mtp_layers)
+    torch.manual_seed(0)
+    model = build_megatron(config, torch.bfloat16, **overrides)
+    checks = thd_checks(model, config, label)
+    del model
+    torch.cuda.empty_cache()
+    return checks
+
+
+def main() -> int:
+    from models.qwen35_vl.configuration import get_variant
+
+    init_distributed()
+    set_model_parallel()
+    mtp_layers = get_variant("proxy").text.mtp_num_hidden_layers
+    checks: list[Check] = []
+    for mtp, fusions in itertools.product((mtp_layers, 0), (True, False)):
+        label = f"proxy, MTP {mtp}, {'training fusions' if fusions else 'no fusions'}"
+        overrides = TRAINING_FUSIONS if fusions else {}
+        checks += run_section(label, partial(variant_checks, label, overrides, mtp))
+    ok = print_table("THD vs BSHD training step, proxy, one GPU", checks)
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+@needs_cuda
+def test_thd_backward():
+    run_with_torchrun(__file__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
