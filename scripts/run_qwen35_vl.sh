@@ -155,7 +155,13 @@ if [ "$RECOMPUTE" = 1 ]; then
   ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 fi
 [ "$RECOMPUTE_VISION" = 1 ] && ARGS+=(--recompute-vision)
-if [ -n "$CKPT_SAVE" ]; then ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL"); fi
+if [ -n "$CKPT_SAVE" ]; then
+  ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL")
+else
+  # On a NaN or Inf megatron's rerun check saves a checkpoint before stopping; with nowhere to
+  # save it would fail on the missing path, so stop at once with the check's own message.
+  ARGS+=(--rerun-mode disabled)
+fi
 if [ -n "$CKPT_LOAD" ]; then
   check_checkpoint_to_load
   ARGS+=(--load "$CKPT_LOAD")

@@ -108,6 +108,12 @@ def test_logging_and_loader_knobs(tmp_path):
     assert "--timing-log-level 2" in out and "--num-workers 5" in out
 
 
+def test_nan_check_stops_cleanly_without_a_save_directory(tmp_path):
+    assert "--rerun-mode disabled" in assert_ok(dry_run(tmp_path))
+    out = assert_ok(dry_run(tmp_path, CKPT_SAVE=str(tmp_path / "ckpt")))
+    assert "--rerun-mode" not in out
+
+
 def test_min_lr_follows_a_low_peak(tmp_path):
     # Fine-tuning peaks are often below the pretraining floor: MIN_LR defaults to LR / 10.
     out = assert_ok(dry_run(tmp_path, LR="1e-5"))

@@ -4,7 +4,8 @@
 
 The proxy's attention shape (4 query heads, 2 KV groups, head dim 256, bf16, padding-causal), one
 sequence or a pack of three, upstream gradients at scale 1 and 1000 (the MTP loss is a token sum,
-so its gradients are that much larger). Before every call the CUDA caching allocator is filled
+so its gradients are that much larger), the value given as megatron gives it (a strided slice of
+the fused projection output) and contiguous. Before every call the CUDA caching allocator is filled
 with NaN bytes, so an output element the kernel never writes shows up as NaN instead of whatever
 an earlier tensor left there. Checks: dq, dk, dv finite, and within 2e-2 (max-abs relative) of an
 fp32 per-sequence causal softmax attention; bf16 inputs and outputs give ~4e-3 per element, the
@@ -55,7 +56,7 @@ def reference_gradients(q, k, v, d_out, bounds):
     return q.grad, k.grad, v.grad
 
 
-def pack_checks(lengths: tuple[int, ...], grad_scale: float) -> list[Check]:
+def pack_checks(lengths: tuple[int, ...], grad_scale: float, strided_value: bool) -> list[Check]:
     from transformer_engine.pytorch import DotProductAttention
 
     attention = DotProductAttention(
@@ -72,17 +73,24 @@ def pack_checks(lengths: tuple[int, ...], grad_scale: float) -> list[Check]:
     def randn(*shape):
         return torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16)
 
-    q, k, v = (
-        randn(total, HEADS, HEAD_DIM),
-        randn(total, GROUPS, HEAD_DIM),
-        randn(total, GROUPS, HEAD_DIM),
-    )
+    q, k = randn(total, HEADS, HEAD_DIM), randn(total, GROUPS, HEAD_DIM)
+    # megatron hands TE the value as a strided slice of the fused QKV(+gate) projection output,
+    # while q and k are fresh tensors from their norms and RoPE.
+    fused = randn(total, GROUPS, 3 * HEAD_DIM)
+    v = fused[..., 2 * HEAD_DIM :]
     d_out = randn(total, HEADS * HEAD_DIM) * grad_scale
     bounds = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+    fused_leaf = fused.clone().requires_grad_()
+    value = (
+        fused_leaf[..., 2 * HEAD_DIM :]
+        if strided_value
+        else fused_leaf[..., 2 * HEAD_DIM :].contiguous()
+    )
     poison_cached_memory()
     out = attention(
         *leaves,
+        value,
         cu_seqlens_q=bounds,
         cu_seqlens_kv=bounds,
         cu_seqlens_q_padded=bounds,
@@ -93,10 +101,12 @@ def pack_checks(lengths: tuple[int, ...], grad_scale: float) -> list[Check]:
     poison_cached_memory()
     out.backward(d_out)
     references = reference_gradients(q, k, v, d_out, bounds.tolist())
-    tag = f"lengths {list(lengths)}, dO x{grad_scale:g}"
+    layout = "strided v" if strided_value else "contiguous v"
+    tag = f"lengths {list(lengths)}, dO x{grad_scale:g}, {layout}"
+    gradients = (leaves[0].grad, leaves[1].grad, fused_leaf.grad[..., 2 * HEAD_DIM :])
     checks = []
-    for name, leaf, reference in zip(("dq", "dk", "dv"), leaves, references, strict=True):
-        gradient = leaf.grad.float()
+    for name, gradient, reference in zip(("dq", "dk", "dv"), gradients, references, strict=True):
+        gradient = gradient.float()
         bad = int((~torch.isfinite(gradient)).sum())
         rows = sorted({int(i) for i in (~torch.isfinite(gradient)).any(-1).any(-1).nonzero()})
         checks.append(Check(f"{tag}: {name} non-finite elements", bad, 0, f"rows {rows[:6]}"))
@@ -115,9 +125,9 @@ def main() -> int:
     }
     print(f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, {settings}")
     checks: list[Check] = []
-    for lengths in PACKS:
-        for scale in GRAD_SCALES:
-            checks += run_section(f"{lengths} x{scale:g}", partial(pack_checks, lengths, scale))
+    for lengths, scale, strided in itertools.product(PACKS, GRAD_SCALES, (True, False)):
+        case = partial(pack_checks, lengths, scale, strided)
+        checks += run_section(f"{lengths} x{scale:g} strided {strided}", case)
     ok = print_table(f"TE THD attention backward, head dim {HEAD_DIM}, {settings}", checks)
     dist.destroy_process_group()
     return 0 if ok else 1
