@@ -101,8 +101,8 @@ class NonFiniteGradientTrace:
 
 
 def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, list[str], str]:
-    """Per-token mean loss, gradient norm, parameters with non-finite gradients and (with
-    `trace`) where the first non-finite gradient arose."""
+    """Per-token mean loss, norm of the token-sum gradient, parameters with non-finite gradients
+    and (with `trace`) where the first non-finite gradient arose."""
     from forward_step import run_model, to_device
 
     model.zero_grad(set_to_none=True)
@@ -111,8 +111,12 @@ def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, 
     batch = to_device(cpu_batch, torch.device("cuda"))
     losses = run_model(model, batch)
     mask = batch["loss_mask"].float()
-    loss = torch.sum(losses.float() * mask) / mask.sum()
-    loss.backward()
+    # As megatron's --calculate-per-token-loss: the backward runs on the token sum (megatron
+    # divides the gradients by the token count afterwards), which sets the magnitude of every
+    # upstream gradient, MTP's included.
+    loss_sum = torch.sum(losses.float() * mask)
+    loss_sum.backward()
+    loss = loss_sum.detach() / mask.sum()
     squares, non_finite = torch.zeros((), device="cuda", dtype=torch.float64), []
     for name, parameter in model.named_parameters():
         if parameter.grad is None:
