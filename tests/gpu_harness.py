@@ -245,6 +245,53 @@ def poison_cached_memory(gib: float = 2.0) -> None:
     del block
 
 
+class NonFiniteGradientTrace:
+    """Records, per module in forward-completion order, whether the gradient reaching its output
+    was finite. Only for diagnosis: each recorded gradient costs a device sync."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names: list[str] = []
+        self.finite: dict[int, bool] = {}
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if name
+        ]
+
+    def _hook(self, name: str):
+        def on_forward(module, inputs, output):
+            index = len(self.names)
+            self.names.append(name)
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            for tensor in outputs:
+                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                    tensor.register_hook(self._record(index))
+
+        return on_forward
+
+    def _record(self, index: int):
+        def on_gradient(gradient: torch.Tensor) -> None:
+            finite = bool(torch.isfinite(gradient).all())
+            self.finite[index] = self.finite.get(index, True) and finite
+
+        return on_gradient
+
+    def boundary(self) -> str:
+        bad = [i for i, ok in self.finite.items() if not ok]
+        if not bad:
+            return "all module output gradients finite"
+        last_bad = max(bad)
+        after = [i for i in sorted(self.finite) if i > last_bad][:3]
+        return (
+            f"last non-finite outputs: {[self.names[i] for i in sorted(bad)[-3:]]}; "
+            f"next finite: {[self.names[i] for i in after]}"
+        )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 # ---- reporting ----------------------------------------------------------------------------------
 
 

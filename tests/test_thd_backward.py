@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
     Check,
+    NonFiniteGradientTrace,
     build_megatron,
     collate,
     init_distributed,
@@ -51,53 +52,6 @@ TRAINING_FUSIONS = dict(
     bias_dropout_fusion=True,
     masked_softmax_fusion=True,
 )
-
-
-class NonFiniteGradientTrace:
-    """Records, per module in forward-completion order, whether the gradient reaching its output
-    was finite. Only for diagnosis: each recorded gradient costs a device sync."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.names: list[str] = []
-        self.finite: dict[int, bool] = {}
-        self.handles = [
-            module.register_forward_hook(self._hook(name))
-            for name, module in model.named_modules()
-            if name
-        ]
-
-    def _hook(self, name: str):
-        def on_forward(module, inputs, output):
-            index = len(self.names)
-            self.names.append(name)
-            outputs = output if isinstance(output, (tuple, list)) else (output,)
-            for tensor in outputs:
-                if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-                    tensor.register_hook(self._record(index))
-
-        return on_forward
-
-    def _record(self, index: int):
-        def on_gradient(gradient: torch.Tensor) -> None:
-            finite = bool(torch.isfinite(gradient).all())
-            self.finite[index] = self.finite.get(index, True) and finite
-
-        return on_gradient
-
-    def boundary(self) -> str:
-        bad = [i for i, ok in self.finite.items() if not ok]
-        if not bad:
-            return "all module output gradients finite"
-        last_bad = max(bad)
-        after = [i for i in sorted(self.finite) if i > last_bad][:3]
-        return (
-            f"last non-finite outputs: {[self.names[i] for i in sorted(bad)[-3:]]}; "
-            f"next finite: {[self.names[i] for i in after]}"
-        )
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, list[str], str]:
@@ -132,9 +86,12 @@ def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, 
 
 
 def trace_non_finite(model, cpu_batch) -> str:
-    """The step again with the module trace; a trace that cannot run says why instead."""
+    """The step again with the module trace; a trace that cannot run says why instead. The
+    re-run's own count of non-finite parameters tells a reproducible fault from one that depends
+    on memory contents."""
     try:
-        return training_step(model, cpu_batch, trace=True)[3]
+        _, _, non_finite, where = training_step(model, cpu_batch, trace=True)
+        return f"traced re-run: {len(non_finite)} non-finite parameters; {where}"
     except RuntimeError as error:
         return f"trace failed: {error}"[:200]
 
