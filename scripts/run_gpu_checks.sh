@@ -13,6 +13,13 @@ OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
+# KERNEL_CACHE=DIR keeps Triton, tilelang and inductor kernels in DIR: a fresh machine spends about
+# 2 minutes per process compiling them, and a DIR brought from an earlier machine skips that.
+if [ -n "${KERNEL_CACHE:-}" ]; then
+  KERNEL_CACHE=$(realpath -m "$KERNEL_CACHE")
+  export TRITON_CACHE_DIR=$KERNEL_CACHE/triton TILELANG_CACHE_DIR=$KERNEL_CACHE/tilelang \
+    TORCHINDUCTOR_CACHE_DIR=$KERNEL_CACHE/inductor
+fi
 
 # Steps may run side by side on one machine, so every launcher gets a port nobody holds.
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
