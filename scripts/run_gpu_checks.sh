@@ -80,7 +80,7 @@ case "$STEP" in
       grep -m2 -iE "selected backend|available backends" "$OUT/te_thd_$setting.log" | cut -c1-200
       table "$OUT/te_thd_$setting.log"
     done
-    timeout 330 torchrun --standalone --nproc-per-node 1 tests/test_thd_backward.py > "$OUT/thd.log" 2>&1
+    timeout 360 torchrun --standalone --nproc-per-node 1 tests/test_thd_backward.py > "$OUT/thd.log" 2>&1
     table "$OUT/thd.log" ;;
   training)
     timeout 500 "$PYTHON" tests/test_training_resume.py "$OUT/runs" > "$OUT/training.log" 2>&1
