@@ -99,7 +99,7 @@ def pack_checks(lengths: tuple[int, ...], grad_scale: float, strided_value: bool
         max_seqlen_kv=max(lengths),
     )
     poison_cached_memory()
-    out.backward(d_out)
+    out.backward(d_out.view_as(out))
     references = reference_gradients(q, k, v, d_out, bounds.tolist())
     layout = "strided v" if strided_value else "contiguous v"
     tag = f"lengths {list(lengths)}, dO x{grad_scale:g}, {layout}"
