@@ -75,10 +75,10 @@ case "$STEP" in
     # backward, and with fused attention off; then whole training steps, THD against BSHD.
     for setting in BACKEND_CHOICE=default NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 NVTE_FUSED_ATTN=0; do
       env "$setting" NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 150 torchrun --standalone \
-        --nproc-per-node 1 tests/test_te_thd_attention.py > "$OUT/te_thd_$setting.log" 2>&1
-      grep -m1 -E "^cuDNN" "$OUT/te_thd_$setting.log"
-      grep -m2 -iE "selected backend|available backends" "$OUT/te_thd_$setting.log" | cut -c1-200
-      table "$OUT/te_thd_$setting.log"
+        --nproc-per-node 1 tests/test_te_thd_attention.py > "$OUT/te_thd_${setting%%=*}.log" 2>&1
+      grep -m1 -E "^cuDNN" "$OUT/te_thd_${setting%%=*}.log"
+      grep -m2 -iE "selected backend|available backends" "$OUT/te_thd_${setting%%=*}.log" | cut -c1-200
+      table "$OUT/te_thd_${setting%%=*}.log"
     done
     timeout 360 torchrun --standalone --nproc-per-node 1 tests/test_thd_backward.py > "$OUT/thd.log" 2>&1
     table "$OUT/thd.log" ;;
