@@ -6,6 +6,7 @@ result table. Imported by tests/test_*.py scripts; not a test itself.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import socket
 import subprocess
@@ -239,10 +240,33 @@ def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
 def poison_cached_memory(gib: float = 2.0) -> None:
     """Fill a block of the CUDA caching allocator with 0xFF bytes (NaN in every float dtype) and
     hand it back to the cache: tensors allocated next without being written read as NaN, which
-    makes a kernel's unwritten outputs visible instead of depending on what was freed before."""
+    makes a kernel's unwritten outputs visible instead of depending on what was freed before.
+    Without CUDA there is no cache to fill."""
+    if not torch.cuda.is_available():
+        return
     block = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
     block.fill_(0xFF)
     del block
+
+
+def attention_reference_gradients(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, bounds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of fp32 causal softmax attention run sequence by sequence over a THD pack:
+    q [T, heads, d], k and v [T, groups, d] (each group serving heads / groups query heads),
+    `d_out` the output gradient ([T, heads * d] or [T, heads, d]), `bounds` the cu_seqlens."""
+    heads, groups = q.shape[1], k.shape[1]
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    outputs = []
+    for start, end in itertools.pairwise(bounds):
+        # [s, h, d] -> [1, h, s, d]; KV groups repeated up to the query heads.
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)
+        ks = k[start:end].repeat_interleave(heads // groups, dim=1).transpose(0, 1).unsqueeze(0)
+        vs = v[start:end].repeat_interleave(heads // groups, dim=1).transpose(0, 1).unsqueeze(0)
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    torch.cat(outputs).backward(d_out.float().reshape(-1, heads, v.shape[-1]))
+    return q.grad, k.grad, v.grad
 
 
 class NonFiniteGradientTrace:

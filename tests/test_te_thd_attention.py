@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
     Check,
+    attention_reference_gradients,
     init_distributed,
     needs_cuda,
     poison_cached_memory,
@@ -39,21 +40,6 @@ HEADS, GROUPS, HEAD_DIM = 4, 2, 256
 PACKS = [(272,), (440,), (632,), (440, 272, 632)]
 GRAD_SCALES = (1.0, 1000.0)
 LIMIT = 2e-2
-
-
-def reference_gradients(q, k, v, d_out, bounds):
-    """fp32 causal attention run sequence by sequence; returns (dq, dk, dv)."""
-    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
-    outputs = []
-    for start, end in itertools.pairwise(bounds):
-        # [s, h, d] -> [1, h, s, d]; KV groups repeated up to the query heads.
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)
-        ks = k[start:end].repeat_interleave(HEADS // GROUPS, dim=1).transpose(0, 1).unsqueeze(0)
-        vs = v[start:end].repeat_interleave(HEADS // GROUPS, dim=1).transpose(0, 1).unsqueeze(0)
-        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        outputs.append(out.squeeze(0).transpose(0, 1))
-    torch.cat(outputs).backward(d_out.float().view(-1, HEADS, HEAD_DIM))
-    return q.grad, k.grad, v.grad
 
 
 def pack_checks(lengths: tuple[int, ...], grad_scale: float, strided_value: bool) -> list[Check]:
@@ -100,7 +86,7 @@ def pack_checks(lengths: tuple[int, ...], grad_scale: float, strided_value: bool
     )
     poison_cached_memory()
     out.backward(d_out.view_as(out))
-    references = reference_gradients(q, k, v, d_out, bounds.tolist())
+    references = attention_reference_gradients(q, k, v, d_out, bounds.tolist())
     layout = "strided v" if strided_value else "contiguous v"
     tag = f"lengths {list(lengths)}, dO x{grad_scale:g}, {layout}"
     gradients = (leaves[0].grad, leaves[1].grad, fused_leaf.grad[..., 2 * HEAD_DIM :])

@@ -11,7 +11,8 @@ gradient norm <= 1e-2 relative (padding changes GEMM shapes and so the bf16 accu
 A non-finite gradient is traced to its module: the detail names the last modules (in forward
 order) whose outputs received non-finite gradients and the first ones after them that did not;
 the culprit is among the latter that consume the former's outputs (its output gradient is finite,
-its input gradient is not).
+its input gradient is not). Then every THD attention call of the step is replayed alone with its
+recorded inputs and output gradient: non-finite dq/dk/dv there convict the attention kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import os
 import sys
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.gpu_harness import (
     Check,
     NonFiniteGradientTrace,
+    attention_reference_gradients,
     build_megatron,
     collate,
     init_distributed,
@@ -36,6 +39,7 @@ from tests.gpu_harness import (
     needs_cuda,
     poison_cached_memory,
     print_table,
+    relative_error,
     run_section,
     run_with_torchrun,
     set_model_parallel,
@@ -57,14 +61,14 @@ TRAINING_FUSIONS = dict(
 )
 
 
-def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, list[str], str]:
+def training_step(model, cpu_batch, observer_type=None) -> tuple[float, float, list[str], Any]:
     """Per-token mean loss, norm of the token-sum gradient, parameters with non-finite gradients
-    and (with `trace`) where the first non-finite gradient arose."""
+    and the observer (`observer_type(model)`, attached for this step only), if any."""
     from forward_step import run_model, to_device
 
     model.zero_grad(set_to_none=True)
     poison_cached_memory()
-    tracer = NonFiniteGradientTrace(model) if trace else None
+    observer = observer_type(model) if observer_type else None
     batch = to_device(cpu_batch, torch.device("cuda"))
     losses = run_model(model, batch)
     mask = batch["loss_mask"].float()
@@ -81,22 +85,87 @@ def training_step(model, cpu_batch, trace: bool = False) -> tuple[float, float, 
         if not torch.isfinite(parameter.grad).all():
             non_finite.append(name)
         squares += parameter.grad.double().pow(2).sum()
-    where = ""
-    if tracer is not None:
-        where = tracer.boundary()
-        tracer.remove()
-    return float(loss), float(squares.sqrt()), non_finite, where
+    if observer is not None:
+        observer.remove()
+    return float(loss), float(squares.sqrt()), non_finite, observer
+
+
+class CoreAttentionCapture:
+    """Keeps every packed (THD) core-attention call of one step: the module, its inputs and the
+    gradient its output received, so that the call can be replayed on its own."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.handles = [
+            module.register_forward_hook(self._hook(name), with_kwargs=True)
+            for name, module in model.named_modules()
+            if name.endswith("core_attention")
+        ]
+
+    def _hook(self, name: str):
+        def on_forward(module, args, kwargs, output):
+            if kwargs.get("packed_seq_params") is None or not output.requires_grad:
+                return
+            call = dict(
+                name=name,
+                module=module,
+                inputs=[tensor.detach().clone() for tensor in args[:3]],
+                attention_mask=args[3],
+                kwargs=dict(kwargs),
+            )
+            self.calls.append(call)
+
+            def keep(gradient: torch.Tensor) -> None:
+                call["d_out"] = gradient.detach().clone()
+
+            output.register_hook(keep)
+
+        return on_forward
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def replay_attention(call: dict[str, Any]) -> tuple[bool, str]:
+    """One captured call again, alone, on a NaN-filled cache: whether dq, dk, dv came out
+    non-finite, and a summary (the inputs' finiteness, then per gradient its non-finite count or
+    its error against the fp32 reference)."""
+    q, k, v = call["inputs"]
+    leaves = [tensor.clone().requires_grad_() for tensor in (q, k, v)]
+    poison_cached_memory()
+    out = call["module"](*leaves, call["attention_mask"], **call["kwargs"])
+    out.backward(call["d_out"].view_as(out))
+    bounds = call["kwargs"]["packed_seq_params"].cu_seqlens_q_padded.tolist()
+    references = attention_reference_gradients(q, k, v, call["d_out"], bounds)
+    inputs_finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v, call["d_out"]))
+    parts, broken = [], False
+    for name, leaf, reference in zip(("dq", "dk", "dv"), leaves, references, strict=True):
+        bad = int((~torch.isfinite(leaf.grad)).sum())
+        broken |= bad > 0
+        error = relative_error(leaf.grad.float(), reference)
+        parts.append(f"{name} {bad} non-finite" if bad else f"{name} rel {error:.1e}")
+    summary = f"{call['name']} (inputs finite: {inputs_finite}): {', '.join(parts)}"
+    return broken, summary
 
 
 def trace_non_finite(model, cpu_batch) -> str:
-    """The step again with the module trace; a trace that cannot run says why instead. The
-    re-run's own count of non-finite parameters tells a reproducible fault from one that depends
-    on memory contents."""
+    """The step again with the module trace, and once more with every THD attention call kept
+    and replayed alone; a step that cannot run says why instead. The re-runs' own counts of
+    non-finite parameters tell a reproducible fault from one that depends on memory contents."""
     try:
-        _, _, non_finite, where = training_step(model, cpu_batch, trace=True)
-        return f"traced re-run: {len(non_finite)} non-finite parameters; {where}"
+        _, _, traced, tracer = training_step(model, cpu_batch, NonFiniteGradientTrace)
+        _, _, captured, capture = training_step(model, cpu_batch, CoreAttentionCapture)
+        replays = [replay_attention(call) for call in capture.calls]
     except RuntimeError as error:
         return f"trace failed: {error}"[:200]
+    broken = [summary for is_broken, summary in replays if is_broken]
+    return (
+        f"traced re-run: {len(traced)} non-finite parameters; {tracer.boundary()}; "
+        f"capture re-run: {len(captured)} non-finite; attention replayed alone: "
+        f"{len(broken)} of {len(replays)} calls non-finite {broken[:2]}; "
+        f"{replays[0][1] if replays and not broken else ''}"
+    )
 
 
 def thd_checks(model, config, label: str) -> list[Check]:
@@ -120,9 +189,8 @@ def thd_checks(model, config, label: str) -> list[Check]:
     }
     checks = []
     for mode, batch in batches.items():
-        loss, norm, non_finite, where = training_step(model, batch)
-        if non_finite:
-            where = trace_non_finite(model, batch)
+        loss, norm, non_finite, _ = training_step(model, batch)
+        where = trace_non_finite(model, batch) if non_finite else ""
         reference = (bshd_loss, bshd_norm)
         if "alone" in mode:
             reference = alone[int(mode.split()[2])]
@@ -131,7 +199,7 @@ def thd_checks(model, config, label: str) -> list[Check]:
                 f"{label}: {mode}: parameters with non-finite gradients",
                 len(non_finite),
                 0,
-                f"last of {len(non_finite)}: {non_finite[-3:]}; {where}" if non_finite else where,
+                f"last of {len(non_finite)}: {non_finite[-3:]}; {where}" if non_finite else "",
             )
         )
         if mode == "BSHD":
