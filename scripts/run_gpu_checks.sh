@@ -2,13 +2,13 @@
 # Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
-#   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench OUT_DIR  # one GPU
+#   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row OUT_DIR  # 1 GPU
 #   scripts/run_gpu_checks.sh side_by_side                           OUT_DIR   # thd, parity,
 #                          convert and training at once on one GPU (their timings are not reported)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, bench, side_by_side, cp, layouts, cp_curve or bench_cp}
+STEP=${1:?step: parity, thd, training, cord, convert, bench, bench_row, side_by_side, cp, layouts, cp_curve or bench_cp}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,6 +23,10 @@ fi
 
 # Steps may run side by side on one machine, so every launcher gets a port nobody holds.
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
+bench_layers() {  # decoder layers of the 9B-widths benchmark model: 8 fit an H200, 4 an H100
+  nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 |
+    awk '{print ($1 > 100000) ? 8 : 4}'
+}
 table() { grep -E "^\||^###" "$1" | grep -v "^|---\|^| check" ; }
 train() {  # name, then VAR=value ... for scripts/run_qwen35_vl.sh
   local name=$1; shift
@@ -132,7 +136,7 @@ PY
     table "$OUT/hf_loss.log"
     rm -rf "$OUT/proxy_hf" "$OUT"/proxy_torch_dist "$OUT"/proxy_fsdp_dtensor ;;
   bench)
-    layers=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print ($1 > 100000) ? 8 : 4}')
+    layers=$(bench_layers)
     timeout 450 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" --profile "$OUT/profile" \
       > "$OUT/bench.log" 2>&1
     grep -E "^\{|^\||^profile|kernels over" "$OUT/bench.log"
@@ -148,6 +152,12 @@ print(f"| data loading share of the step (proxy, mock, iterations {steady[0]}-{s
       f"| {100 * share:.2f}% | goal < 5% |")
 PY
     ;;
+  bench_row)
+    # Ours on exactly HF's input (the pack's samples as one sequence), for the like-for-like ratio.
+    layers=$(bench_layers)
+    timeout 450 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" --layout row \
+      > "$OUT/bench_row.log" 2>&1
+    grep -E "^\{|^\|" "$OUT/bench_row.log" ;;
   bench_cp)
     # 32k-token packs: ours with CP=2 on two GPUs, HF on one (it has no context parallelism).
     timeout 560 torchrun --standalone --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 \

@@ -1,12 +1,14 @@
 """scripts/bench/bench_vs_hf.py's inputs and arithmetic on CPU: the THD pack holds exactly the
 requested tokens of mixed-length samples with images, every sequence padded to a multiple of 8 and
-of 2 x CP; per-GPU rates divide by the GPUs of the run."""
+of 2 x CP; the single-row layout holds the same tokens and images as one sequence, as HF gets
+them; per-GPU rates divide by the GPUs of the run."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from scripts.bench.bench_vs_hf import bench_config, make_pack, rates
+from scripts.bench.bench_vs_hf import bench_config, make_pack, make_row, rates
 from scripts.bench.flops import training_flops
 
 
@@ -20,6 +22,21 @@ def test_pack_fills_the_requested_tokens(cp):
     assert all(p % 8 == 0 and p % (2 * cp) == 0 for p in padded)
     assert all(0 <= p - n < max(8, 2 * cp) for p, n in zip(padded, lengths, strict=True))
     assert batch["vision"].grid_thw.shape[0] == sum(s["image_grid_thw"].shape[0] for s in samples)
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_row_is_the_pack_as_one_sequence(cp):
+    config = bench_config(4)
+    samples, pack = make_pack(config, 8192, cp)
+    row = make_row(config, samples, cp)
+    assert row["input_ids"].shape == (1, 8192)  # 8192 is a multiple of 8 and of 2 x CP
+    assert "cu_seqlens" not in row
+    torch.testing.assert_close(row["input_ids"][0], torch.cat([s["input_ids"] for s in samples]))
+    torch.testing.assert_close(row["vision"].grid_thw, pack["vision"].grid_thw)
+    # One sequence: MRoPE positions never restart, unlike the pack's per-sample positions.
+    text_positions = row["position_ids"][0, :, 0]
+    assert bool((text_positions.diff() >= 0).all())
+    assert int(pack["position_ids"][0, :, 0].diff().min()) < 0
 
 
 def test_rates_are_per_gpu():

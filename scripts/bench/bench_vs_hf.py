@@ -7,6 +7,7 @@ Under `torchrun --nproc-per-node N` ours runs with context parallelism N (HF, wh
 still gets one GPU for the whole row, and may run out of memory: that is reported as such).
 
     python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10 [--profile DIR]
+    python scripts/bench/bench_vs_hf.py --layers 8 --layout row   # ours on HF's exact row
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
@@ -31,7 +32,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from data.collate import THD, CollateConfig, pack_or_pad_batch  # noqa: E402
+from data.collate import BSHD, THD, CollateConfig, pack_or_pad_batch  # noqa: E402
 from data.mock import interleaved_sample  # noqa: E402
 from models.qwen35_vl.configuration import get_variant, interleaved_layer_types  # noqa: E402
 from scripts.bench.flops import mfu, peak_tflops_of, training_flops  # noqa: E402
@@ -77,6 +78,26 @@ def make_pack(config, pack_tokens: int, cp: int = 1) -> tuple[list[dict], dict]:
         pad_multiple=math.lcm(8, 2 * cp),
     )
     return samples, pack_or_pad_batch(samples, collate)
+
+
+def make_row(config, samples: list[dict], cp: int = 1) -> dict:
+    """The samples joined into one BSHD row, exactly what HF trains on: one sequence (attention
+    and MRoPE positions run across the former sample boundaries), padded to a multiple of 8 and
+    of 2 x CP for the load-balanced CP split."""
+    joined = {
+        key: torch.cat([s[key] for s in samples])
+        for key in ("input_ids", "supervised", "image_grid_thw", "pixel_values")
+    }
+    multiple = math.lcm(8, 2 * cp)
+    collate = CollateConfig(
+        mode=BSHD,
+        seq_length=-(-joined["input_ids"].numel() // multiple) * multiple,
+        pad_token_id=0,
+        image_token_id=config.image_token_id,
+        vision=config.vision,
+        pad_multiple=multiple,
+    )
+    return pack_or_pad_batch([joined], collate)
 
 
 def time_steps(step, warmup: int, iters: int) -> float:
@@ -234,6 +255,12 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default="", help="directory for a profile of our steps")
+    parser.add_argument(
+        "--layout",
+        choices=("pack", "row"),
+        default="pack",
+        help="ours on the THD pack (attention within each sample), or on HF's single BSHD row",
+    )
     args = parser.parse_args()
 
     # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
@@ -246,6 +273,8 @@ def main() -> None:
     config = bench_config(args.layers)
     samples, batch = make_pack(config, args.pack_tokens, cp=world)
     lengths = [s["input_ids"].numel() for s in samples]
+    if args.layout == "row":
+        batch, lengths = make_row(config, samples, cp=world), [sum(lengths)]
     grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
     tokens = sum(lengths)
     device = torch.cuda.get_device_name()
@@ -260,10 +289,11 @@ def main() -> None:
         "peak": peak,
         "megatron_gpus": world,
         "megatron_cp": world,
+        "megatron_layout": args.layout,
     }
     torch.cuda.reset_peak_memory_stats()
     measured = megatron_side(config, batch, args.warmup, args.iters, world, args.profile)
-    # HF attends over the whole row; ours over each packed sample.
+    # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
     results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
     gc.collect()
     torch.cuda.empty_cache()
@@ -281,16 +311,19 @@ def main() -> None:
     torch.distributed.barrier()
     if rank == 0:
         print(json.dumps(results), flush=True)
-        for name, gpus in (("megatron", world), ("hf", 1)):
+        for name, gpus, label in (
+            ("megatron", world, f"megatron, {args.layout}"),
+            ("hf", 1, "hf, row"),
+        ):
             r = results.get(name, {})
             if "mfu" in r:
                 print(
-                    f"| {device} | {name} | {gpus} | {config.name} | {tokens} | "
+                    f"| {device} | {label} | {gpus} | {config.name} | {tokens} | "
                     f"{r['tokens_per_s_per_gpu']:,.0f} | {r['model_tflops_per_gpu']:.0f} | "
                     f"{100 * r['mfu']:.1f}% | {r['max_memory_gib']:.1f} |"
                 )
             elif r:
-                print(f"| {device} | {name} | {gpus} | {config.name} | {tokens} | {r['error']} |")
+                print(f"| {device} | {label} | {gpus} | {config.name} | {tokens} | {r['error']} |")
     torch.distributed.destroy_process_group()
 
 
