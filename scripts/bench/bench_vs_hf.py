@@ -11,9 +11,10 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
-TE layers, fla kernels, packed THD. HF: `Qwen3_5ForConditionalGeneration` in pure bf16 with fused
-AdamW and sdpa attention (fla kernels when installed); the pack is one 8192-token row there, as HF
-has no packed-sequence path for Qwen3.5. FLOPs come from scripts/bench/flops.py (3 x forward).
+TE layers, fla kernels, packed THD (or, with --layout row, HF's single BSHD row). HF:
+`Qwen3_5ForConditionalGeneration` in pure bf16 with fused AdamW and sdpa attention (fla kernels
+when installed); the pack is one 8192-token row there, as HF has no packed-sequence path for
+Qwen3.5. FLOPs come from scripts/bench/flops.py (3 x forward).
 """
 
 from __future__ import annotations
