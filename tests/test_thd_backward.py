@@ -168,56 +168,45 @@ def trace_non_finite(model, cpu_batch) -> str:
     )
 
 
+def non_finite_check(name: str, model, cpu_batch, non_finite: list[str]) -> Check:
+    """The step's count of parameters with non-finite gradients; when there are any, the detail
+    says where they arose (`trace_non_finite`)."""
+    detail = ""
+    if non_finite:
+        where = trace_non_finite(model, cpu_batch)
+        detail = f"last of {len(non_finite)}: {non_finite[-3:]}; {where}"
+    return Check(f"{name}: parameters with non-finite gradients", len(non_finite), 0, detail)
+
+
 def thd_checks(model, config, label: str) -> list[Check]:
+    """Each case as a BSHD batch (the reference) and as a THD pack of the same samples."""
     samples = [make_sample(config, *spec) for spec in SAMPLES]
     longest = max(s["input_ids"].numel() for s in samples)
     seq_length = -(-longest // 8) * 8
-    batches = {
-        "BSHD": collate(samples, config, "bshd", seq_length, pad_multiple=8),
-        "THD, all in one pack": collate(samples, config, "thd", seq_length, pad_multiple=8),
-    }
-    for index in ALONE:
-        batches[f"THD, sample {index} alone"] = collate(
-            [samples[index]], config, "thd", seq_length, 8
-        )
-    bshd_loss, bshd_norm, _, _ = training_step(model, batches["BSHD"])
-    # The BSHD reference is the mean over all samples; single-sample packs compare with the
-    # same sample padded alone.
-    alone = {
-        index: training_step(model, collate([samples[index]], config, "bshd", seq_length, 8))[:2]
-        for index in ALONE
-    }
+    cases = {"all in one batch": samples}
+    cases.update({f"sample {index} alone": [samples[index]] for index in ALONE})
     checks = []
-    for mode, batch in batches.items():
-        loss, norm, non_finite, _ = training_step(model, batch)
-        where = trace_non_finite(model, batch) if non_finite else ""
-        reference = (bshd_loss, bshd_norm)
-        if "alone" in mode:
-            reference = alone[int(mode.split()[2])]
+    for case, members in cases.items():
+        bshd = collate(members, config, "bshd", seq_length, pad_multiple=8)
+        thd = collate(members, config, "thd", seq_length, pad_multiple=8)
+        reference_loss, reference_norm, non_finite, _ = training_step(model, bshd)
+        checks.append(non_finite_check(f"{label}: BSHD, {case}", model, bshd, non_finite))
+        loss, norm, non_finite, _ = training_step(model, thd)
+        checks.append(non_finite_check(f"{label}: THD, {case}", model, thd, non_finite))
         checks.append(
             Check(
-                f"{label}: {mode}: parameters with non-finite gradients",
-                len(non_finite),
-                0,
-                f"last of {len(non_finite)}: {non_finite[-3:]}; {where}" if non_finite else "",
-            )
-        )
-        if mode == "BSHD":
-            continue
-        checks.append(
-            Check(
-                f"{label}: {mode} vs BSHD loss rel",
-                abs(loss - reference[0]) / abs(reference[0]),
+                f"{label}: THD vs BSHD, {case}: loss rel",
+                abs(loss - reference_loss) / abs(reference_loss),
                 1e-3,
-                f"{loss:.6f} vs {reference[0]:.6f}",
+                f"{loss:.6f} vs {reference_loss:.6f}",
             )
         )
         checks.append(
             Check(
-                f"{label}: {mode} vs BSHD grad-norm rel",
-                abs(norm - reference[1]) / reference[1],
+                f"{label}: THD vs BSHD, {case}: grad-norm rel",
+                abs(norm - reference_norm) / reference_norm,
                 1e-2,
-                f"{norm:.5f} vs {reference[1]:.5f}",
+                f"{norm:.5f} vs {reference_norm:.5f}",
             )
         )
     return checks
