@@ -70,35 +70,36 @@ def make_pack(config, pack_tokens: int, cp: int = 1) -> tuple[list[dict], dict]:
     last_text = pack_tokens - used - (samples[-1]["input_ids"].numel() - sum(PACK_SAMPLES[-1][0]))
     lengths, images = PACK_SAMPLES[-1]
     samples[-1] = interleaved_sample(config, 99, (lengths[0], last_text - lengths[0]), images)
-    collate = CollateConfig(
-        mode=THD,
-        seq_length=pack_tokens,
+    return samples, pack_or_pad_batch(samples, bench_collate(config, THD, pack_tokens, cp))
+
+
+def joined_sample(samples: list[dict]) -> dict:
+    """The samples as one sequence: what HF trains on, as it has no packed-sequence path."""
+    return {
+        key: torch.cat([s[key] for s in samples])
+        for key in ("input_ids", "supervised", "image_grid_thw", "pixel_values")
+    }
+
+
+def make_row(config, samples: list[dict], cp: int = 1) -> dict:
+    """The samples joined into one BSHD row, exactly what HF trains on (attention and MRoPE
+    positions run across the former sample boundaries)."""
+    joined = joined_sample(samples)
+    multiple = math.lcm(8, 2 * cp)
+    row_length = -(-joined["input_ids"].numel() // multiple) * multiple
+    return pack_or_pad_batch([joined], bench_collate(config, BSHD, row_length, cp))
+
+
+def bench_collate(config, mode: str, seq_length: int, cp: int) -> CollateConfig:
+    """Sequences padded to a multiple of 8 and of 2 x CP (the load-balanced CP split)."""
+    return CollateConfig(
+        mode=mode,
+        seq_length=seq_length,
         pad_token_id=0,
         image_token_id=config.image_token_id,
         vision=config.vision,
         pad_multiple=math.lcm(8, 2 * cp),
     )
-    return samples, pack_or_pad_batch(samples, collate)
-
-
-def make_row(config, samples: list[dict], cp: int = 1) -> dict:
-    """The samples joined into one BSHD row, exactly what HF trains on: one sequence (attention
-    and MRoPE positions run across the former sample boundaries), padded to a multiple of 8 and
-    of 2 x CP for the load-balanced CP split."""
-    joined = {
-        key: torch.cat([s[key] for s in samples])
-        for key in ("input_ids", "supervised", "image_grid_thw", "pixel_values")
-    }
-    multiple = math.lcm(8, 2 * cp)
-    collate = CollateConfig(
-        mode=BSHD,
-        seq_length=-(-joined["input_ids"].numel() // multiple) * multiple,
-        pad_token_id=0,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
-        pad_multiple=multiple,
-    )
-    return pack_or_pad_batch([joined], collate)
 
 
 def time_steps(step, warmup: int, iters: int) -> float:
@@ -229,14 +230,14 @@ def hf_side(config, samples, warmup: int, iters: int) -> dict:
         model = Qwen3_5ForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.cat([s["input_ids"] for s in samples]).unsqueeze(0).cuda()
-    labels = ids.clone()
+    joined = joined_sample(samples)
+    ids = joined["input_ids"].unsqueeze(0).cuda()
     inputs = dict(
         input_ids=ids,
-        labels=labels,
+        labels=ids.clone(),
         mm_token_type_ids=(ids == config.image_token_id).int(),
-        pixel_values=torch.cat([s["pixel_values"] for s in samples]).cuda(),
-        image_grid_thw=torch.cat([s["image_grid_thw"] for s in samples]).cuda(),
+        pixel_values=joined["pixel_values"].cuda(),
+        image_grid_thw=joined["image_grid_thw"].cuda(),
     )
 
     def step():
