@@ -103,7 +103,7 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
         )
         for dataset, used in zip((splits.train, splits.valid, splits.test), consumed, strict=True)
     )
-    meter = token_throughput(args)
+    meter = token_throughput(args, config)
     return counted(train, meter.count_batch), counted(valid, lambda _: meter.interrupt()), test
 
 
@@ -123,7 +123,7 @@ def collate_config(args: argparse.Namespace, config: Any, splits: Any) -> Any:
     )
 
 
-def token_throughput(args: argparse.Namespace) -> Any:
+def token_throughput(args: argparse.Namespace, config: Any) -> Any:
     """Tokens/s/GPU and model TFLOP/s/GPU (with MFU on GPUs whose peak is listed) every log
     interval, printed under megatron's iteration line and written to TensorBoard. The FLOPs come
     from `scripts/bench/flops.py` (megatron's own TFLOP/s counts the text decoder only)."""
@@ -133,7 +133,6 @@ def token_throughput(args: argparse.Namespace) -> Any:
     from data.throughput import TokenThroughput
     from scripts.bench.flops import batch_training_flops, peak_tflops_of
 
-    config = resolved_model_config(args)
     peak = peak_tflops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
     def report(iteration: int, tokens: float, flops: float, first: int, last: int) -> None:
