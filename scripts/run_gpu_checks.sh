@@ -60,11 +60,12 @@ PY
 
 case "$STEP" in
   side_by_side)
-    for step in thd parity convert training; do
+    steps=(thd parity convert training)
+    for step in "${steps[@]}"; do
       "$PWD/scripts/run_gpu_checks.sh" "$step" "$(dirname "$OUT")" > "$OUT/$step.summary" 2>&1 &
     done
     wait
-    for step in thd parity convert training; do echo "### $step"; cat "$OUT/$step.summary"; done ;;
+    for step in "${steps[@]}"; do echo "### $step"; cat "$OUT/$step.summary"; done ;;
   parity)
     # Both at once: with TF32 as training runs it, and with TF32 refused by cuBLAS (TE included),
     # where the fp32 rows face the goals themselves.
@@ -78,11 +79,12 @@ case "$STEP" in
     # TE's THD attention backward alone, under its default backend choice, cuDNN's deterministic
     # backward, and with fused attention off; then whole training steps, THD against BSHD.
     for setting in BACKEND_CHOICE=default NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 NVTE_FUSED_ATTN=0; do
+      log="$OUT/te_thd_${setting%%=*}.log"
       env "$setting" NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 150 torchrun --standalone \
-        --nproc-per-node 1 tests/test_te_thd_attention.py > "$OUT/te_thd_${setting%%=*}.log" 2>&1
-      grep -m1 -E "^cuDNN" "$OUT/te_thd_${setting%%=*}.log"
-      grep -m2 -iE "selected backend|available backends" "$OUT/te_thd_${setting%%=*}.log" | cut -c1-200
-      table "$OUT/te_thd_${setting%%=*}.log"
+        --nproc-per-node 1 tests/test_te_thd_attention.py > "$log" 2>&1
+      grep -m1 -E "^cuDNN" "$log"
+      grep -m2 -iE "selected backend|available backends" "$log" | cut -c1-200
+      table "$log"
     done
     timeout 360 torchrun --standalone --nproc-per-node 1 tests/test_thd_backward.py > "$OUT/thd.log" 2>&1
     table "$OUT/thd.log" ;;
