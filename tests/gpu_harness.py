@@ -250,11 +250,17 @@ def poison_cached_memory(gib: float = 2.0) -> None:
 
 
 def attention_reference_gradients(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor, bounds: list[int]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    d_out: torch.Tensor,
+    bounds: list[int],
+    causal: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of fp32 causal softmax attention run sequence by sequence over a THD pack:
-    q [T, heads, d], k and v [T, groups, d] (each group serving heads / groups query heads),
-    `d_out` the output gradient ([T, heads * d] or [T, heads, d]), `bounds` the cu_seqlens."""
+    """(dq, dk, dv) of fp32 softmax attention (causal, or bidirectional as in the vision tower)
+    run sequence by sequence over a THD pack: q [T, heads, d], k and v [T, groups, d] (each
+    group serving heads / groups query heads), `d_out` the output gradient ([T, heads * d] or
+    [T, heads, d]), `bounds` the cu_seqlens."""
     heads, groups = q.shape[1], k.shape[1]
     q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
     outputs = []
@@ -263,7 +269,7 @@ def attention_reference_gradients(
         qs = q[start:end].transpose(0, 1).unsqueeze(0)
         ks = k[start:end].repeat_interleave(heads // groups, dim=1).transpose(0, 1).unsqueeze(0)
         vs = v[start:end].repeat_interleave(heads // groups, dim=1).transpose(0, 1).unsqueeze(0)
-        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        out = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
         outputs.append(out.squeeze(0).transpose(0, 1))
     torch.cat(outputs).backward(d_out.float().reshape(-1, heads, v.shape[-1]))
     return q.grad, k.grad, v.grad

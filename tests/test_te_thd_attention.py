@@ -103,13 +103,25 @@ def pack_checks(lengths: tuple[int, ...], grad_scale: float, strided_value: bool
     return checks
 
 
+def cudnn_versions() -> str:
+    """TE's runtime cuDNN and torch's view of it: TE loads the system's cuDNN before the one torch
+    ships with, and torch refuses to report a runtime other than the one it was built against."""
+    from transformer_engine.pytorch.utils import get_cudnn_version
+
+    try:
+        torch_view = str(torch.backends.cudnn.version())
+    except RuntimeError as error:
+        torch_view = str(error).split(". ")[0]
+    return f"TE runtime {'.'.join(map(str, get_cudnn_version()))}; torch: {torch_view}"
+
+
 def main() -> int:
     init_distributed()
     settings = {
         name: os.environ.get(name, "unset")
         for name in ("NVTE_FUSED_ATTN", "NVTE_FLASH_ATTN", "NVTE_ALLOW_NONDETERMINISTIC_ALGO")
     }
-    print(f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}, {settings}")
+    print(f"cuDNN {cudnn_versions()}, {torch.cuda.get_device_name()}, {settings}")
     checks: list[Check] = []
     for lengths, scale, strided in itertools.product(PACKS, GRAD_SCALES, (True, False)):
         case = partial(pack_checks, lengths, scale, strided)

@@ -136,8 +136,12 @@ def replay_attention(call: dict[str, Any]) -> tuple[bool, str]:
     poison_cached_memory()
     out = call["module"](*leaves, call["attention_mask"], **call["kwargs"])
     out.backward(call["d_out"].view_as(out))
-    bounds = call["kwargs"]["packed_seq_params"].cu_seqlens_q_padded.tolist()
-    references = attention_reference_gradients(q, k, v, call["d_out"], bounds)
+    # The vision tower's packs carry no padded boundaries and attend in both directions.
+    params = call["kwargs"]["packed_seq_params"]
+    padded = params.cu_seqlens_q_padded
+    bounds = (params.cu_seqlens_q if padded is None else padded).tolist()
+    causal = "causal" in str(call["kwargs"].get("attn_mask_type"))
+    references = attention_reference_gradients(q, k, v, call["d_out"], bounds, causal)
     inputs_finite = all(bool(torch.isfinite(t).all()) for t in (q, k, v, call["d_out"]))
     parts, broken = [], False
     for name, leaf, reference in zip(("dq", "dk", "dv"), leaves, references, strict=True):
