@@ -13,6 +13,7 @@ OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
+source scripts/torch_cudnn.sh
 # KERNEL_CACHE=DIR keeps Triton, tilelang and inductor kernels in DIR: a fresh machine spends about
 # 2 minutes per process compiling them, and a DIR brought from an earlier machine skips that.
 if [ -n "${KERNEL_CACHE:-}" ]; then
@@ -76,9 +77,10 @@ case "$STEP" in
     table "$OUT/parity.log"
     echo "### NVIDIA_TF32_OVERRIDE=0"; table "$OUT/parity_no_tf32.log" ;;
   thd)
-    # TE's THD attention backward alone, under its default backend choice, cuDNN's deterministic
-    # backward, and with fused attention off; then whole training steps, THD against BSHD.
-    for setting in BACKEND_CHOICE=default NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 NVTE_FUSED_ATTN=0; do
+    # TE's THD attention backward alone, under its default backend (cuDNN fused attention) and
+    # with fused attention off (TE's unfused path), each against fp32; then whole training steps,
+    # THD against BSHD. The log's first line names the cuDNN that TE and torch run.
+    for setting in BACKEND_CHOICE=default NVTE_FUSED_ATTN=0; do
       log="$OUT/te_thd_${setting%%=*}.log"
       env "$setting" NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 timeout 150 torchrun --standalone \
         --nproc-per-node 1 tests/test_te_thd_attention.py > "$log" 2>&1

@@ -12,6 +12,7 @@ die() { echo "run_qwen35_vl.sh: error: $*" >&2; exit 1; }
 if [ -n "${PYTHON:-}" ]; then :
 elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
 else PYTHON=python3; fi
+source scripts/torch_cudnn.sh
 
 MODEL_VARIANT=${MODEL_VARIANT:-proxy}
 TP=${TP:-1}; CP=${CP:-1}; EP=${EP:-1}; PP=${PP:-1}; FSDP=${FSDP:-0}

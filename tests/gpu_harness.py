@@ -10,6 +10,7 @@ import itertools
 import os
 import socket
 import subprocess
+import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -386,6 +387,13 @@ def free_port() -> int:
 
 
 def run_with_torchrun(script: str, processes: int = 1) -> None:
-    """pytest's way into a GPU test script: run it under torchrun, fail on a non-zero exit."""
-    command = ["torchrun", "--standalone", "--nproc-per-node", str(processes)]
-    subprocess.run([*command, os.path.abspath(script)], check=True)
+    """pytest's way into a GPU test script: run it under torchrun, on torch's own cuDNN
+    (scripts/torch_cudnn.sh, as the launchers do), and fail on a non-zero exit."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.abspath(script)
+    command = (
+        'PYTHON="$1"; source scripts/torch_cudnn.sh && '
+        'exec torchrun --standalone --nproc-per-node "$2" "$3"'
+    )
+    launch = ["bash", "-c", command, "run_with_torchrun", sys.executable, str(processes), script]
+    subprocess.run(launch, check=True, cwd=repo)

@@ -1,6 +1,7 @@
 """Builds Qwen3.5-VL: the language and vision TransformerConfigs (architecture from our config
 dataclass, parallelism / precision / fusions from a base TransformerConfig, e.g. the one megatron
-derives from its arguments) and the model itself.
+derives from its arguments) and the model itself, refusing a process whose cuDNN is not the one
+torch was built against.
 """
 
 from __future__ import annotations
@@ -60,6 +61,39 @@ def transformer_configs(
     return language_config(model_config, base), vision_config(model_config, base, recompute_vision)
 
 
+def cudnn_version_tuple(encoded: int) -> tuple[int, int, int]:
+    """torch's encoded cuDNN version (91900) as (9, 19, 0)."""
+    return encoded // 10000, encoded // 100 % 100, encoded % 100
+
+
+def require_matching_cudnn() -> None:
+    """Raise unless torch and Transformer Engine run the cuDNN torch was built against. On an H100
+    whose system cuDNN 9.14 was loaded under torch built for 9.19, TE's packed-sequence (THD)
+    attention backward at head dim 256 returned non-finite dK / dV (docs/results.md), while the
+    same processes trained unpacked batches normally, so the mismatch must stop the run."""
+    import torch
+    from transformer_engine.pytorch.utils import get_cudnn_version
+
+    te_runtime = tuple(get_cudnn_version())
+    advice = (
+        "point both at torch's own cuDNN before Python starts: export CUDNN_HOME="
+        "<site-packages>/nvidia/cudnn and prepend $CUDNN_HOME/lib to LD_LIBRARY_PATH "
+        "(scripts/torch_cudnn.sh does this for the launchers)"
+    )
+    try:
+        torch_runtime = torch.backends.cudnn.version()
+    except RuntimeError as error:  # torch refuses a runtime older than its build
+        reason = str(error).split(". ")[0]
+        raise RuntimeError(
+            f"{reason}; Transformer Engine loaded cuDNN {te_runtime}: {advice}"
+        ) from error
+    if torch_runtime is not None and cudnn_version_tuple(torch_runtime) != te_runtime:
+        raise RuntimeError(
+            f"torch runs cuDNN {cudnn_version_tuple(torch_runtime)} but Transformer Engine loaded "
+            f"{te_runtime}: {advice}"
+        )
+
+
 def build_model(
     model_config: Qwen35VLConfig,
     base: TransformerConfig,
@@ -73,6 +107,7 @@ def build_model(
     """The whole model on this rank (the registry's model factory); needs CUDA and TE."""
     from .model import Qwen35VLModel
 
+    require_matching_cudnn()
     language, vision = transformer_configs(model_config, base, recompute_vision)
     return Qwen35VLModel(
         model_config,
