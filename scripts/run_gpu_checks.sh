@@ -3,8 +3,8 @@
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
 #   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row OUT_DIR  # 1 GPU
-#   scripts/run_gpu_checks.sh side_by_side                           OUT_DIR   # thd, parity,
-#                          convert and training at once on one GPU (their timings are not reported)
+#   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
+#     thd parity convert training) at once on one GPU (their timings are not performance figures)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -61,7 +61,7 @@ PY
 
 case "$STEP" in
   side_by_side)
-    steps=(thd parity convert training)
+    read -ra steps <<< "${STEPS:-thd parity convert training}"
     for step in "${steps[@]}"; do
       "$PWD/scripts/run_gpu_checks.sh" "$step" "$(dirname "$OUT")" > "$OUT/$step.summary" 2>&1 &
     done
