@@ -87,10 +87,12 @@ def require_matching_cudnn() -> None:
         raise RuntimeError(
             f"{reason}; Transformer Engine loaded cuDNN {te_runtime}: {advice}"
         ) from error
-    if torch_runtime is not None and cudnn_version_tuple(torch_runtime) != te_runtime:
+    if torch_runtime is None:
+        return
+    torch_runtime = cudnn_version_tuple(torch_runtime)
+    if torch_runtime != te_runtime:
         raise RuntimeError(
-            f"torch runs cuDNN {cudnn_version_tuple(torch_runtime)} but Transformer Engine loaded "
-            f"{te_runtime}: {advice}"
+            f"torch runs cuDNN {torch_runtime} but Transformer Engine loaded {te_runtime}: {advice}"
         )
 
 
