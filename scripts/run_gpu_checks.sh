@@ -3,12 +3,13 @@
 # summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
 #   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row OUT_DIR  # 1 GPU
+#     (convert = the checkpoint load test, then `finetune`: import, fine-tunes, loss against HF)
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, bench, bench_row, side_by_side, cp, layouts, cp_curve or bench_cp}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, layouts, cp_curve or bench_cp}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -108,7 +109,8 @@ case "$STEP" in
     rm -rf "$OUT/data/data" ;;
   convert)
     timeout 300 torchrun --standalone --nproc-per-node 1 tests/test_checkpoint_load.py > "$OUT/load.log" 2>&1
-    table "$OUT/load.log"
+    table "$OUT/load.log" ;&
+  finetune)
     # A random proxy-sized HF checkpoint with its MTP tensors, initialised wider than usual so that
     # the loss depends on the weights (near ln(vocab) any model would agree) -> import in both
     # formats -> 20 fine-tuning steps each (torch_dist; megatron-fsdp) -> iteration 1 vs HF.
