@@ -337,6 +337,28 @@ def use_make_shim() -> None:
     os.environ["PATH"] = shim + os.pathsep + os.environ.get("PATH", "")
 
 
+def let_megatron_fsdp_load_weights_only() -> None:
+    """Let Megatron-FSDP start from a weights-only checkpoint (an imported HF model, `CKPT_LOAD`
+    with `CKPT_RESUME=0`). After such a load megatron asks the distributed optimizer to refresh
+    its fp32 main weights from the model's, which megatron-core 0.19 refuses under Megatron-FSDP.
+    There is nothing to refresh there: the fsdp_dtensor load writes the main weights themselves
+    and FSDP's load_state_dict hook copies them into the compute weights (upstream Megatron-LM
+    made the same method return under Megatron-FSDP later, pull request 4748)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    refresh = DistributedOptimizer._copy_model_params_to_main_params
+    if getattr(refresh, "skips_megatron_fsdp", False):
+        return
+
+    def refresh_unless_megatron_fsdp(self, state_dict=None):
+        if self.ddp_config.use_megatron_fsdp:
+            return None
+        return refresh(self, state_dict=state_dict)
+
+    refresh_unless_megatron_fsdp.skips_megatron_fsdp = True
+    DistributedOptimizer._copy_model_params_to_main_params = refresh_unless_megatron_fsdp
+
+
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.dry_run:
@@ -350,6 +372,8 @@ def main() -> None:
 
     datasets_provider.is_distributed = True
     use_make_shim()
+    if args.use_megatron_fsdp:
+        let_megatron_fsdp_load_weights_only()
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,

@@ -59,6 +59,17 @@ for name in names:
     print(row)
 PY
 }
+compare_curves() {  # the whole lm-loss curves of two named runs: largest relative difference
+  "$PYTHON" - "$OUT" "$1" "$2" <<'PY'
+import sys
+from scripts.plot_training import read_scalars
+out, first, second = sys.argv[1:]
+one, two = (read_scalars(f"{out}/{name}/tensorboard", "lm loss") for name in (first, second))
+steps = sorted(set(one) & set(two))
+worst = max((abs(two[i] - one[i]) / one[i] for i in steps), default=float("nan"))
+print(f"| {second} vs {first} lm-loss curve | {len(steps)} common iterations | max rel diff {worst:.2e} |")
+PY
+}
 
 case "$STEP" in
   side_by_side)
@@ -136,6 +147,9 @@ PY
     train finetune_fsdp "${finetune[@]}" CKPT_LOAD="$OUT/proxy_fsdp_dtensor" FSDP=1
     grep -iE "loading.*checkpoint|successfully loaded" "$OUT/finetune.log" | head -3 | cut -c1-200
     first_losses finetune finetune_fsdp
+    # Iteration 1 runs on the compute weights; later ones on what the optimizer stepped, so the
+    # curves part unless FSDP's fp32 main weights hold the checkpoint too.
+    compare_curves finetune finetune_fsdp
     "$PYTHON" -m tests.hf_batch_loss --hf-path "$OUT/proxy_hf" --seq-len 1024 --gbs 4 \
       --train-iters 20 "$OUT/finetune/tensorboard" "$OUT/finetune_fsdp/tensorboard" \
       > "$OUT/hf_loss.log" 2>&1
@@ -187,14 +201,6 @@ PY
     train thd_cp1 "${common[@]}" GPUS_PER_NODE=1
     train thd_cp2 "${common[@]}" CP=2 GPUS_PER_NODE=2
     first_losses thd_cp1 thd_cp2
-    "$PYTHON" - "$OUT" <<'PY'
-import sys
-from scripts.plot_training import read_scalars as scalars
-one, two = (scalars(f"{sys.argv[1]}/{n}/tensorboard", "lm loss") for n in ("thd_cp1", "thd_cp2"))
-steps = sorted(set(one) & set(two))
-worst = max(abs(two[i] - one[i]) / one[i] for i in steps)
-print(f"| CP=2 vs CP=1 THD loss curve | {len(steps)} iterations | max rel diff {worst:.2e} |")
-PY
-    ;;
+    compare_curves thd_cp1 thd_cp2 ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac

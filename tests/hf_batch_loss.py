@@ -105,7 +105,17 @@ def main() -> int:
     tokens = sum(int(b["loss_mask"].sum()) for _, b in pairs)
     checks: list[Any] = []
     for run in args.runs:
-        first = read_scalars(run, "lm loss")[1]
+        first = read_scalars(run, "lm loss").get(1)
+        if first is None:  # the run failed before logging: a failed row, the others still count
+            checks.append(
+                Check(
+                    f"{run}: iteration-1 loss vs HF, rel",
+                    float("nan"),
+                    LIMIT,
+                    "no iteration-1 lm loss logged: see the run's log",
+                )
+            )
+            continue
         checks.append(
             Check(
                 f"{run}: iteration-1 loss vs HF, rel",

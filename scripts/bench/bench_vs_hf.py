@@ -121,6 +121,7 @@ def megatron_side(
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.enums import ModelType
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -147,6 +148,7 @@ def megatron_side(
         context_parallel_size=cp,
     )
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    model.model_type = ModelType.encoder_or_decoder  # read by the schedule, set as get_model does
     language = model.language_model.config
     model = Float16Module(language, model)
     ddp_config = DistributedDataParallelConfig(
