@@ -5,10 +5,13 @@ the checkpoint in bf16, and compares the per-token loss with iteration 1 of each
 
     python -m tests.hf_batch_loss --hf-path HF --seq-len 1024 --gbs 4 --train-iters 20 RUN/tb...
 
-A control row gives the loss of the same architecture with other random weights on the same
-batch: how far a model that did not load the checkpoint would land. Exits non-zero when a run's
-iteration-1 loss differs from HF's by more than 1e-2 relative (bf16 forward on both sides: the
-parity test measured bf16 logits within 7.6e-3 relative of fp32; the loss averages many tokens).
+Exits non-zero when a run's iteration-1 loss differs from HF's by more than 1e-3 relative (bf16
+forward on both sides; the parity test measured the next-token loss within 9.1e-5 (dense) and
+5.2e-5 (MoE) of HF's, and this batch is scored the same way), or when it is not at least 5 times
+closer to HF's loss than a control is: the same architecture with other random weights on the
+same batch. Random models' mean losses sit close together (3.8e-4 relative apart for two seeds
+at the proxy's widths, measured on CPU), so the limit alone would not tell a loaded checkpoint
+from a model that loaded nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 import torch
 
-LIMIT = 1e-2
+LIMIT = 1e-3
+CONTROL_FRACTION = 0.2  # a run's distance to HF, as a fraction of the control's distance
 
 
 class RecordingDataset(torch.utils.data.Dataset):
@@ -103,31 +107,24 @@ def main() -> int:
     )
     control = hf_loss(control_model.cuda().eval(), config, pairs)
     tokens = sum(int(b["loss_mask"].sum()) for _, b in pairs)
+    control_rel = abs(control - reference) / reference
     checks: list[Any] = []
     for run in args.runs:
         first = read_scalars(run, "lm loss").get(1)
-        if first is None:  # the run failed before logging: a failed row, the others still count
-            checks.append(
-                Check(
-                    f"{run}: iteration-1 loss vs HF, rel",
-                    float("nan"),
-                    LIMIT,
-                    "no iteration-1 lm loss logged: see the run's log",
-                )
-            )
-            continue
+        if first is None:  # the run failed before logging: failed rows, the others still count
+            first, detail = float("nan"), "no iteration-1 lm loss logged: see the run's log"
+        else:
+            detail = f"iteration 1 {first:.5f}, HF {reference:.5f}, {tokens} loss tokens"
+        rel = abs(first - reference) / reference
+        checks.append(Check(f"{run}: iteration-1 loss vs HF, rel", rel, LIMIT, detail))
         checks.append(
             Check(
-                f"{run}: iteration-1 loss vs HF, rel",
-                abs(first - reference) / reference,
-                LIMIT,
-                f"iteration 1 {first:.5f}, HF {reference:.5f}, {tokens} loss tokens",
+                f"{run}: distance to HF / control's distance",
+                rel / control_rel,
+                CONTROL_FRACTION,
+                f"control (other random weights) {control:.5f}, rel to HF {control_rel:.2e}",
             )
         )
-    print(
-        f"| control: other random weights, same batch | loss {control:.5f} | rel to HF "
-        f"{abs(control - reference) / reference:.2e} |"
-    )
     passed = print_table("Fine-tune from an imported checkpoint starts at HF's loss", checks)
     return 0 if passed else 1
 
