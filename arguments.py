@@ -148,6 +148,23 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
             "the loss is normalised per token across micro-batches and CP ranks: pass "
             "--calculate-per-token-loss"
         )
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if decay_iters is not None and args.lr_warmup_iters >= decay_iters:
+        raise ValueError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} (WARMUP_ITERS) must be below the "
+            f"{decay_iters} iterations of the schedule (--train-iters, TRAIN_ITERS); lower "
+            "WARMUP_ITERS or raise TRAIN_ITERS"
+        )
+    balancing = args.moe_router_load_balancing_type
+    if args.moe_router_fusion and "seq_aux_loss" in (
+        [balancing] if isinstance(balancing, str) else balancing
+    ):
+        raise ValueError(
+            "--moe-router-load-balancing-type seq_aux_loss with --moe-router-fusion: the fused "
+            "aux loss takes an integer token count, and seq_aux_loss's mean count per padded "
+            "sequence is not one (megatron_compat.count_moe_tokens_as_integers); use aux_loss or "
+            "drop --moe-router-fusion"
+        )
     config = model_config_from_args(args)
     if args.expert_model_parallel_size > 1 and not config.text.num_experts:
         raise ValueError(

@@ -369,7 +369,9 @@ def main() -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     from forward_step import forward_step
+    from megatron_compat import apply_patches
 
+    apply_patches()
     datasets_provider.is_distributed = True
     use_make_shim()
     if args.use_megatron_fsdp:

@@ -7,9 +7,11 @@
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
 #   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
+#   [MATRIX_JOBS=12] scripts/run_gpu_checks.sh matrix                 OUT_DIR   # 1-2 GPUs: every
+#     launcher configuration (scripts/launcher_matrix.py), runs side by side
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, layouts, cp_curve or bench_cp}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, layouts, cp_curve, bench_cp or matrix}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +59,22 @@ for name in names:
         rel = abs(first - reference) / abs(reference)
         row += f" vs {names[0]}: rel {rel:.2e} (limit 1e-2) {'pass' if rel <= 1e-2 else 'FAIL'} |"
     print(row)
+PY
+}
+random_hf_checkpoint() {  # variant, directory: a random HF model of that variant with MTP tensors
+  "$PYTHON" - "$1" "$2" <<'PY'
+import sys
+import torch
+from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+from models.qwen35_vl.configuration import get_variant
+from tests.hf_checkpoint import save_hf_checkpoint
+config = get_variant(sys.argv[1])
+hf_config = config.to_hf_config()
+hf_config.text_config.initializer_range = 0.05
+torch.manual_seed(0)
+hf_class = Qwen3_5MoeForConditionalGeneration if config.text.is_moe else Qwen3_5ForConditionalGeneration
+model = hf_class(hf_config).to(torch.bfloat16)
+save_hf_checkpoint(model, config, sys.argv[2], with_mtp=True, max_shard_size="200MB")
 PY
 }
 compare_curves() {  # the whole lm-loss curves of two named runs: largest relative difference
@@ -126,19 +144,7 @@ case "$STEP" in
     # models' losses still sit within 4e-4 of each other, so hf_batch_loss also checks the run
     # against a control model) -> import in both formats -> 20 fine-tuning steps each
     # (torch_dist; megatron-fsdp) -> iteration 1 vs HF.
-    "$PYTHON" - "$OUT/proxy_hf" <<'PY'
-import sys
-import torch
-from transformers import Qwen3_5ForConditionalGeneration
-from models.qwen35_vl.configuration import get_variant
-from tests.hf_checkpoint import save_hf_checkpoint
-config = get_variant("proxy")
-hf_config = config.to_hf_config()
-hf_config.text_config.initializer_range = 0.05
-torch.manual_seed(0)
-model = Qwen3_5ForConditionalGeneration(hf_config).to(torch.bfloat16)
-save_hf_checkpoint(model, config, sys.argv[1], with_mtp=True, max_shard_size="200MB")
-PY
+    random_hf_checkpoint proxy "$OUT/proxy_hf"
     for format in torch_dist fsdp_dtensor; do
       "$PYTHON" scripts/convert_hf_checkpoint.py import --hf-path "$OUT/proxy_hf" --format $format \
         --out "$OUT/proxy_$format" > "$OUT/import_$format.log" 2>&1; tail -1 "$OUT/import_$format.log"
@@ -156,6 +162,23 @@ PY
       > "$OUT/hf_loss.log" 2>&1
     table "$OUT/hf_loss.log"
     rm -rf "$OUT/proxy_hf" "$OUT"/proxy_torch_dist "$OUT"/proxy_fsdp_dtensor ;;
+  finetune_layouts)
+    # An imported checkpoint loaded into other layouts (megatron reshards its global tensors):
+    # the dense proxy at TP=2, proxy-moe at EP=2; iteration 1 against HF's loss.
+    finetune=(TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5 CKPT_RESUME=0 GPUS_PER_NODE=2)
+    for variant in proxy proxy-moe; do
+      random_hf_checkpoint "$variant" "$OUT/${variant}_hf"
+      "$PYTHON" scripts/convert_hf_checkpoint.py import --hf-path "$OUT/${variant}_hf" \
+        --out "$OUT/${variant}_ckpt" > "$OUT/import_$variant.log" 2>&1; tail -1 "$OUT/import_$variant.log"
+    done
+    train finetune_tp2 "${finetune[@]}" MODEL_VARIANT=proxy TP=2 CKPT_LOAD="$OUT/proxy_ckpt"
+    train finetune_moe_ep2 "${finetune[@]}" MODEL_VARIANT=proxy-moe EP=2 CKPT_LOAD="$OUT/proxy-moe_ckpt"
+    for run in finetune_tp2:proxy finetune_moe_ep2:proxy-moe; do
+      "$PYTHON" -m tests.hf_batch_loss --hf-path "$OUT/${run#*:}_hf" --seq-len 1024 --gbs 4 \
+        --train-iters 20 "$OUT/${run%%:*}/tensorboard" > "$OUT/hf_loss_${run%%:*}.log" 2>&1
+      table "$OUT/hf_loss_${run%%:*}.log"
+    done
+    rm -rf "$OUT"/proxy*_hf "$OUT"/proxy*_ckpt ;;
   bench)
     layers=$(bench_layers)
     timeout 450 "$PYTHON" scripts/bench/bench_vs_hf.py --layers "$layers" --profile "$OUT/profile" \
@@ -184,6 +207,13 @@ PY
     timeout 560 torchrun --standalone --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 \
       --pack-tokens 32768 --warmup 2 --iters 5 > "$OUT/bench_cp.log" 2>&1
     grep -E "^\{|^\|" "$OUT/bench_cp.log" ;;
+  matrix)
+    # Checkpoints outside OUT_DIR: only logs, TensorBoard events and profiles need keeping.
+    timeout "${MATRIX_TIMEOUT:-560}" "$PYTHON" scripts/launcher_matrix.py "$OUT" \
+      --jobs "${MATRIX_JOBS:-12}" --ckpt-dir "${TMPDIR:-/tmp}/launcher_matrix_ckpt" \
+      > "$OUT/matrix.log" 2>&1
+    pkill -f pretrain_multimodal.py  # runs still going when the time ran out
+    "$PYTHON" scripts/launcher_matrix.py "$OUT" --table-only ;;
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;

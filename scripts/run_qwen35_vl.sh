@@ -60,8 +60,13 @@ WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
 if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then
   die "EP=$EP needs a mixture-of-experts variant, but MODEL_VARIANT=$MODEL_VARIANT is dense; use EP=1 (or a MoE variant: proxy-moe, 35b_a3b, 122b_a10b, 397b)"
 fi
-model_parallel=$((TP * CP * EP * PP))
-[ $((WORLD_SIZE % model_parallel)) -eq 0 ] || die "world size $WORLD_SIZE (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP x CP x EP x PP = $TP x $CP x $EP x $PP = $model_parallel"
+# megatron lays dense layers out as TP x CP x DP x PP and experts as ETP x EP x expert-DP x PP
+# (ETP = TP), so EP spans CP and DP ranks and need not divide the world with CP.
+model_parallel=$((TP * CP * PP))
+[ $((WORLD_SIZE % model_parallel)) -eq 0 ] || die "world size $WORLD_SIZE (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP x CP x PP = $TP x $CP x $PP = $model_parallel"
+expert_parallel=$((TP * EP * PP))
+[ $((WORLD_SIZE % expert_parallel)) -eq 0 ] || die "world size $WORLD_SIZE is not divisible by TP x EP x PP = $TP x $EP x $PP = $expert_parallel (megatron's expert layout); change EP"
+[ "$WARMUP_ITERS" -lt "$TRAIN_ITERS" ] || die "WARMUP_ITERS=$WARMUP_ITERS must be below TRAIN_ITERS=$TRAIN_ITERS (the warmup is part of the schedule); lower WARMUP_ITERS or raise TRAIN_ITERS"
 DP=$((WORLD_SIZE / (TP * CP * PP)))
 # Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
 GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}

@@ -122,8 +122,10 @@ def base_transformer_config(config: Qwen35VLConfig, dtype: torch.dtype, **overri
 def build_megatron(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_compat import apply_patches
     from models.qwen35_vl.factory import build_model
 
+    apply_patches()
     base = base_transformer_config(config, dtype, **overrides)
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
     # As megatron's Float16Module does in training: every parameter in the training dtype.

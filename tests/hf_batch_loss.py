@@ -93,16 +93,22 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
 
-    from transformers import AutoConfig, Qwen3_5ForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeForConditionalGeneration,
+    )
 
     from models.qwen35_vl.configuration import from_hf_config
 
     config = from_hf_config(AutoConfig.from_pretrained(args.hf_path), name=args.hf_path)
+    moe = config.text.is_moe
+    hf_class = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
     pairs = first_global_batch(config, args)
-    model = Qwen3_5ForConditionalGeneration.from_pretrained(args.hf_path, dtype=torch.bfloat16)
+    model = hf_class.from_pretrained(args.hf_path, dtype=torch.bfloat16)
     reference = hf_loss(model.cuda().eval(), config, pairs)
     torch.manual_seed(1)
-    control_model = Qwen3_5ForConditionalGeneration._from_config(
+    control_model = hf_class._from_config(
         AutoConfig.from_pretrained(args.hf_path), dtype=torch.bfloat16
     )
     control = hf_loss(control_model.cuda().eval(), config, pairs)

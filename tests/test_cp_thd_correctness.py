@@ -99,7 +99,10 @@ def main() -> int:
 
     set_model_parallel(cp=1)
     model = build_megatron(config, torch.bfloat16)
-    pinned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # TE keeps `_extra_state` entries that are None (TE 2.20) or bytes: only tensors are cloned.
+    pinned = {
+        k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()
+    }
     reference = {
         mode: loss_and_grad_norm(model, batch, parallel_state.get_context_parallel_group())
         for mode, batch in batches.items()

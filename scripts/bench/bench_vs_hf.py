@@ -130,8 +130,10 @@ def megatron_side(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forward_step import loss_func, partition_for_context_parallel, run_model, to_device
+    from megatron_compat import apply_patches
     from models.qwen35_vl.factory import build_model
 
+    apply_patches()
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1234)
     base = TransformerConfig(
@@ -208,17 +210,23 @@ def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
     from scripts.bench.profile_summary import summary_markdown
 
     os.makedirs(profile_dir, exist_ok=True)
+    path = os.path.join(profile_dir, "megatron.pt.trace.json")
+    rank0 = torch.distributed.get_rank() == 0
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as profiler:
+    # Exported by on_trace_ready when the active steps end, as megatron's profiler does (its
+    # PROFILE=torch traces hold the kernels); the export after the context closed held none.
+    with torch.profiler.profile(
+        activities=activities,
+        schedule=schedule,
+        on_trace_ready=(lambda profiler: profiler.export_chrome_trace(path)) if rank0 else None,
+    ) as profiler:
         for _ in range(steps + 1):
             step()
             torch.cuda.synchronize()
             profiler.step()
-    if torch.distributed.get_rank() != 0:
+    if not rank0:
         return
-    path = os.path.join(profile_dir, "megatron.pt.trace.json")
-    profiler.export_chrome_trace(path)
     with open(path) as handle:
         summary = summary_markdown(json.load(handle))
     print(f"profile of {steps} megatron steps on rank 0 ({path}):\n{summary}", flush=True)
@@ -270,10 +278,11 @@ def main() -> None:
     # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29571")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group("nccl", rank=rank, world_size=world)
+    # Alone (no torchrun) the process group lives in memory: no port, so benchmarks can share
+    # a machine.
+    store = torch.distributed.HashStore() if "MASTER_PORT" not in os.environ else None
+    torch.distributed.init_process_group("nccl", rank=rank, world_size=world, store=store)
     config = bench_config(args.layers)
     samples, batch = make_pack(config, args.pack_tokens, cp=world)
     lengths = [s["input_ids"].numel() for s in samples]

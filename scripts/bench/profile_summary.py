@@ -49,6 +49,15 @@ def load_trace(path: str) -> dict:
         return json.load(handle)
 
 
+def event_categories(trace: dict) -> dict[str, int]:
+    """How many events of each `cat` the trace holds: tells an empty CUDA trace from a mislabelled
+    one when no kernel events are found."""
+    counts: dict[str, int] = defaultdict(int)
+    for event in trace.get("traceEvents", []):
+        counts[str(event.get("cat"))] += 1
+    return dict(counts)
+
+
 def kernels_of(trace: dict) -> list[Kernel]:
     """GPU kernel events of the trace (memcpy / memset and CPU events are left out)."""
     return [
@@ -112,6 +121,11 @@ def top_kernels(kernels: list[Kernel], count: int) -> list[tuple[str, float, int
 
 def summary_markdown(trace: dict, top: int = 15) -> str:
     kernels = kernels_of(trace)
+    if not kernels:
+        raise ValueError(
+            "the trace has no GPU kernel events (was CUDA activity profiled?); its event "
+            f"categories: {event_categories(trace)}"
+        )
     steps = profiled_steps(trace)
     split = time_split(kernels)
     window = split["idle"] + busy_time(kernels)

@@ -1,0 +1,109 @@
+"""megatron_compat: the integer MoE token counts that Transformer Engine's fused aux loss needs
+(exact counts, unchanged loss on the unfused path) and the version guard of every patch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.moe import moe_utils, router
+
+import megatron_compat
+from megatron_compat import Patch, apply_patches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank_group():
+    """megatron's reductions want a real process group; one rank of gloo skips the reduction."""
+    from tests.gpu_harness import free_port
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def group():
+    return torch.distributed.group.WORLD
+
+
+def padded_routing_map(valid_tokens: int, padded_tokens: int, experts: int, topk: int):
+    """A routing map as megatron's aux-loss routing builds it: `topk` experts per valid token,
+    padded rows zeroed; plus the matching scores."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(valid_tokens + padded_tokens, experts, generator=generator).softmax(-1)
+    top = scores.topk(topk, dim=1).indices
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True)
+    routing_map[valid_tokens:] = False
+    scores[valid_tokens:] = 0
+    return routing_map, scores
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """The patch applied to this test only (monkeypatch restores megatron's function)."""
+    for module in (moe_utils, router):
+        monkeypatch.setattr(
+            module,
+            "get_tokens_per_expert_and_token_count",
+            module.get_tokens_per_expert_and_token_count,
+        )
+    megatron_compat.count_moe_tokens_as_integers()
+    return router.get_tokens_per_expert_and_token_count
+
+
+def test_installed_megatron_still_counts_floats():
+    # When this fails, megatron-core counts integers itself: delete the patch (PR 7183 landed).
+    routing_map, _ = padded_routing_map(valid_tokens=6, padded_tokens=2, experts=4, topk=2)
+    _, _, total = moe_utils.get_tokens_per_expert_and_token_count(
+        routing_map=routing_map, reduce_group=group(), topk=2, with_padding_mask=True
+    )
+    assert total.is_floating_point() and float(total) == 6
+
+
+def test_counts_become_exact_int64_tensors(patched):
+    routing_map, _ = padded_routing_map(valid_tokens=37, padded_tokens=11, experts=16, topk=4)
+    per_expert, local, total = patched(routing_map, group(), topk=4, with_padding_mask=True)
+    assert local.dtype == total.dtype == torch.int64
+    assert int(local) == int(total) == 37
+    assert torch.equal(per_expert, routing_map.sum(dim=0))
+    assert router.get_tokens_per_expert_and_token_count is patched
+    assert moe_utils.get_tokens_per_expert_and_token_count is patched
+
+
+def test_counts_without_padding_mask_are_megatrons(patched):
+    routing_map, _ = padded_routing_map(valid_tokens=20, padded_tokens=0, experts=8, topk=2)
+    _, local, total = patched(routing_map, group(), topk=2, with_padding_mask=False)
+    assert (local, total) == (20, 20)
+
+
+def test_unfused_aux_loss_unchanged_by_integer_counts(patched):
+    routing_map, scores = padded_routing_map(valid_tokens=50, padded_tokens=14, experts=16, topk=4)
+    per_expert, _, total = patched(routing_map, group(), topk=4, with_padding_mask=True)
+    loss = moe_utils.switch_load_balancing_loss_func(
+        scores, per_expert, total, topk=4, num_experts=16, moe_aux_loss_coeff=1e-3
+    )
+    reference = moe_utils.switch_load_balancing_loss_func(
+        scores, per_expert, 50.0, topk=4, num_experts=16, moe_aux_loss_coeff=1e-3
+    )
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+
+
+def test_patch_is_idempotent(patched):
+    megatron_compat.count_moe_tokens_as_integers()
+    assert router.get_tokens_per_expert_and_token_count is patched
+
+
+def test_version_guard_applies_only_matching_versions():
+    calls = []
+    patch = Patch("probe", written_for="0.19.", upstream="PR 1", apply=lambda: calls.append(1))
+    assert apply_patches((patch,), version="0.19.2") == [patch]
+    with pytest.warns(UserWarning, match="written for megatron-core 0.19.x .*PR 1"):
+        assert apply_patches((patch,), version="0.20.0") == []
+    assert calls == [1]
+
+
+def test_every_patch_names_its_version_and_upstream_change():
+    for patch in megatron_compat.PATCHES:
+        assert patch.written_for.endswith(".") and patch.upstream
