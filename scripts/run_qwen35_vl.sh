@@ -17,7 +17,9 @@ source scripts/torch_cudnn.sh
 MODEL_VARIANT=${MODEL_VARIANT:-proxy}
 TP=${TP:-1}; CP=${CP:-1}; EP=${EP:-1}; PP=${PP:-1}; FSDP=${FSDP:-0}
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
-if [ -z "${GPUS_PER_NODE:-}" ]; then
+if [ -z "${GPUS_PER_NODE:-}" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  GPUS_PER_NODE=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+elif [ -z "${GPUS_PER_NODE:-}" ]; then
   GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${GPUS_PER_NODE:-0}" -gt 0 ] || GPUS_PER_NODE=1
 fi
@@ -70,7 +72,12 @@ expert_parallel=$((TP * EP * PP))
 DP=$((WORLD_SIZE / (TP * CP * PP)))
 # Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
 GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
-case "$CP_COMM_TYPE" in p2p|a2a|a2a+p2p|allgather) ;; *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;; esac
+# Transformer Engine names the all-gather scheme all_gather and refuses megatron's "allgather".
+case "$CP_COMM_TYPE" in
+  p2p|a2a|a2a+p2p) ;;
+  allgather|all_gather) CP_COMM_TYPE=all_gather ;;
+  *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;;
+esac
 awk -v lr="$LR" -v min="$MIN_LR" 'BEGIN { exit !(min + 0 <= lr + 0) }' \
   || die "MIN_LR=$MIN_LR is above LR=$LR: the cosine schedule decays from LR down to MIN_LR"
 case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac

@@ -2,7 +2,8 @@
 
 The language spec is megatron's hybrid stack with Qwen3.5's attention (q/k RMSNorm, output gate)
 and a Gated DeltaNet whose gated output norm keeps HF's uncentered weight; the vision layers use
-megatron's ViT TE spec. These modules need CUDA and Transformer Engine.
+megatron's ViT TE spec. Both attentions take per-token rotary angles on packed sequences without
+host synchronisation. These modules need CUDA and Transformer Engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron.core.extensions.transformer_engine import (
     TERowParallelLinear,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
@@ -39,6 +41,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
+from torch import Tensor
 
 
 class UncenteredTENorm:
@@ -55,12 +58,61 @@ class UncenteredTENorm:
         return TENorm(config=uncentered, hidden_size=hidden_size, eps=eps)
 
 
+class PackedRotarySelfAttention(SelfAttention):
+    """SelfAttention that rotates a packed (THD) batch by its per-token angles in one pass.
+
+    Our rotary angles hold one row per token of the pack (MRoPE positions restart per sequence;
+    the vision tower's are per-patch (row, col)). megatron-core 0.19's THD RoPE reads the
+    sequence boundaries back to the host (`tolist()`, `item()` per sequence) and rotates sequence
+    by sequence, stalling the GPU in every attention layer; without context parallelism its
+    result is the single-pass rotation of the [T, 1, heads, dim] tensor, computed here right after
+    the q/k projections (and norms). With context parallelism megatron's path picks each rank's
+    angles and is kept."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, **kwargs):
+        packed = kwargs.get("packed_seq_params")
+        rotary = kwargs.get("rotary_pos_emb")
+        self._token_rotary = None
+        if (
+            rotary is not None
+            and packed is not None
+            and packed.qkv_format == "thd"
+            and self.pg_collection.cp.size() == 1
+        ):
+            self._token_rotary = rotary if isinstance(rotary, tuple) else (rotary, rotary)
+            kwargs["rotary_pos_emb"] = None
+        try:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            self._token_rotary = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, **kwargs):
+        outputs = super().get_query_key_value_tensors(hidden_states, key_value_states, **kwargs)
+        if getattr(self, "_token_rotary", None) is None:
+            return outputs
+        query, key, *rest = outputs
+        query_angles, key_angles = self._token_rotary
+        if query_angles.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"packed attention expects one rotary angle row per token: {query.shape[0]} "
+                f"tokens, {query_angles.shape[0]} angle rows"
+            )
+        rotate = partial(
+            apply_rotary_pos_emb,
+            config=self.config,
+            mscale=self._yarn_concentration_factor,
+            cp_group=self.pg_collection.cp,
+        )
+        query, key = rotate(query, query_angles), rotate(key, key_angles)
+        return (query, key, *rest)
+
+
 def _attention_layer() -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=PackedRotarySelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=TELayerNormColumnParallelLinear,
@@ -153,5 +205,8 @@ def language_stack_spec(num_experts: int = 0) -> ModuleSpec:
 
 
 def vision_layer_spec() -> ModuleSpec:
-    """Pre-norm ViT layer (LayerNorm fused into qkv / fc1, bidirectional attention)."""
-    return get_vit_layer_with_transformer_engine_spec()
+    """Pre-norm ViT layer (LayerNorm fused into qkv / fc1, bidirectional attention) whose
+    attention rotates each patch by its own angles in one pass."""
+    spec = get_vit_layer_with_transformer_engine_spec()
+    spec.submodules.self_attention.module = PackedRotarySelfAttention
+    return spec

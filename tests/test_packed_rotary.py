@@ -1,0 +1,44 @@
+"""The single-pass rotation of `specs.PackedRotarySelfAttention` equals megatron-core's THD RoPE
+(which reads sequence boundaries back to the host) bit for bit, for per-token angles without
+context parallelism: language MRoPE angles restarting per sequence and the vision tower's.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings.rope_utils import (
+    _apply_rotary_pos_emb_thd,
+    apply_rotary_pos_emb,
+)
+
+CONFIG = SimpleNamespace(
+    apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False
+)
+
+
+class OneRankGroup:
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("lengths", "heads", "head_dim", "rotary_dim"),
+    [((7, 12, 5), 4, 256, 64), ((16, 64, 36, 100), 3, 72, 72)],  # language (partial), vision
+)
+def test_single_pass_equals_megatron_thd_path(lengths, heads, head_dim, rotary_dim):
+    generator = torch.Generator().manual_seed(0)
+    tokens = sum(lengths)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(tokens, heads, head_dim, generator=generator, dtype=torch.bfloat16)
+    angles = torch.randn(tokens, 1, 1, rotary_dim, generator=generator) * 10
+    megatron = _apply_rotary_pos_emb_thd(query, cu_seqlens, angles, cp_group=OneRankGroup())
+    single_pass = apply_rotary_pos_emb(
+        query.unsqueeze(1), angles, config=CONFIG, cp_group=OneRankGroup()
+    ).squeeze(1)
+    assert torch.equal(single_pass, megatron)
