@@ -90,8 +90,13 @@ def gated_deltanet_check() -> list[str]:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
 
+    from models.qwen35_vl.configuration import get_variant
+
+    # The proxy's Gated DeltaNet shape (value heads, head dim) and sequence: fla and tilelang
+    # compile and autotune per shape, so a machine that trained the proxy has these kernels.
+    text = get_variant("proxy").text
     generator = torch.Generator(device="cuda").manual_seed(0)
-    batch, tokens, heads, dim = 1, 512, 4, 128
+    batch, tokens, heads, dim = 1, 1024, text.linear_num_value_heads, text.linear_key_head_dim
 
     def randn(*shape):
         return torch.randn(*shape, device="cuda", generator=generator)
