@@ -1,14 +1,19 @@
 """Every patch this project applies to megatron-core, in one place. Each names the megatron-core
-version it was written for and the upstream change it waits for; `apply_patches()` applies the
-ones written for the installed version and says which it skipped, so a megatron-core upgrade
-shows at once which patches to re-check or delete.
+version it was written for and the upstream change it waits for; `apply_patches()` (called by the
+training entry, the GPU tests and the benchmark) applies the ones written for the installed
+version and warns about the others, so an upgrade shows at once which patches to re-check.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+
+WRITTEN_FOR = "0.19."
 
 
 @dataclass(frozen=True)
@@ -68,12 +73,77 @@ def count_moe_tokens_as_integers() -> None:
     router.get_tokens_per_expert_and_token_count = tokens_per_expert_and_integer_token_count
 
 
+def skip_main_weight_refresh_under_megatron_fsdp() -> None:
+    """Let Megatron-FSDP start from a weights-only checkpoint (an imported HF model, `CKPT_LOAD`
+    with `CKPT_RESUME=0`). After such a load megatron asks the distributed optimizer to refresh
+    its fp32 main weights from the model's, which megatron-core 0.19 refuses under Megatron-FSDP.
+    There is nothing to refresh there: the fsdp_dtensor load writes the main weights themselves
+    and FSDP's load_state_dict hook copies them into the compute weights."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    refresh = DistributedOptimizer._copy_model_params_to_main_params
+    if getattr(refresh, "skips_megatron_fsdp", False):
+        return
+
+    def refresh_unless_megatron_fsdp(self, state_dict=None):
+        if self.ddp_config.use_megatron_fsdp:
+            return None
+        return refresh(self, state_dict=state_dict)
+
+    refresh_unless_megatron_fsdp.skips_megatron_fsdp = True
+    DistributedOptimizer._copy_model_params_to_main_params = refresh_unless_megatron_fsdp
+
+
+def put_make_shim_on_path() -> None:
+    """Put scripts/megatron_make_shim first on PATH: megatron's training start runs `make` on its
+    dataset helpers unconditionally, and the wheel ships them prebuilt without their Makefile (see
+    the shim)."""
+    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "megatron_make_shim")
+    if not os.environ.get("PATH", "").startswith(shim + os.pathsep):
+        os.environ["PATH"] = shim + os.pathsep + os.environ.get("PATH", "")
+
+
+class SavedArgs(argparse.Namespace):
+    """megatron's arguments, saved into checkpoints without `hybrid_layer_pattern` (megatron-core
+    0.19; `pretrain_multimodal.parse_args` gives the parsed arguments this class).
+
+    On load megatron-core 0.19 compares the saved pattern with the model it built: a saved pattern
+    but no `HybridModel` along the `.module` wrapper chain means "GPT run loading a hybrid
+    checkpoint" and raises. Our model wraps its HybridModel (vision tower in front), so a resume
+    would fail; the pattern (only used by megatron while training: layer counts for its FLOPs and
+    MoE logs) is pickled as `language_hybrid_layer_pattern` instead. Copies keep everything. Delete
+    once megatron's check (training/checkpointing.py) looks inside wrapped models."""
+
+    def __reduce__(self):
+        state = dict(vars(self))
+        state["language_hybrid_layer_pattern"] = state.pop("hybrid_layer_pattern", None)
+        return argparse.Namespace, (), state
+
+    def __copy__(self) -> SavedArgs:
+        return SavedArgs(**vars(self))
+
+    def __deepcopy__(self, memo: dict) -> SavedArgs:
+        return SavedArgs(**copy.deepcopy(vars(self), memo))
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch(
         name="integer MoE token counts for the fused aux loss",
-        written_for="0.19.",
+        written_for=WRITTEN_FOR,
         upstream="Megatron-LM pull request 7183 (moe_utils.get_tokens_per_expert_and_token_count)",
         apply=count_moe_tokens_as_integers,
+    ),
+    Patch(
+        name="no main-weight refresh under Megatron-FSDP after a weights-only load",
+        written_for=WRITTEN_FOR,
+        upstream="Megatron-LM pull request 4748 (DistributedOptimizer under Megatron-FSDP)",
+        apply=skip_main_weight_refresh_under_megatron_fsdp,
+    ),
+    Patch(
+        name="make shim for the prebuilt dataset helpers",
+        written_for=WRITTEN_FOR,
+        upstream="a megatron-core wheel that skips building its prebuilt dataset helpers",
+        apply=put_make_shim_on_path,
     ),
 )
 

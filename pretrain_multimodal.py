@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import sys
 import types
 from typing import Any
@@ -26,6 +25,7 @@ from arguments import (
     validate_multimodal_args,
 )
 from data.tokens import token_ids_from_args
+from megatron_compat import SavedArgs
 from models import get_model_entry
 
 GIB = 1024**3
@@ -290,27 +290,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-class SavedArgs(argparse.Namespace):
-    """megatron's arguments, saved into checkpoints without `hybrid_layer_pattern`.
-
-    On load megatron-core 0.19 compares the saved pattern with the model it built: a saved pattern
-    but no `HybridModel` along the `.module` wrapper chain means "GPT run loading a hybrid
-    checkpoint" and raises. Our model wraps its HybridModel (vision tower in front), so a resume
-    would fail; the pattern (only used by megatron while training: layer counts for its FLOPs and
-    MoE logs) is pickled as `language_hybrid_layer_pattern` instead. Copies keep everything."""
-
-    def __reduce__(self):
-        state = dict(vars(self))
-        state["language_hybrid_layer_pattern"] = state.pop("hybrid_layer_pattern", None)
-        return argparse.Namespace, (), state
-
-    def __copy__(self) -> SavedArgs:
-        return SavedArgs(**vars(self))
-
-    def __deepcopy__(self, memo: dict) -> SavedArgs:
-        return SavedArgs(**copy.deepcopy(vars(self), memo))
-
-
 @contextlib.contextmanager
 def planning_device(dry_run: bool):
     """For a CPU dry run, answer megatron's device queries during argument validation (compute
@@ -330,35 +309,6 @@ def planning_device(dry_run: bool):
         torch.cuda.get_device_capability, torch.cuda.get_device_properties = real
 
 
-def use_make_shim() -> None:
-    """Put scripts/megatron_make_shim first on PATH for megatron's dataset-helper build step
-    (see the shim for why)."""
-    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "megatron_make_shim")
-    os.environ["PATH"] = shim + os.pathsep + os.environ.get("PATH", "")
-
-
-def let_megatron_fsdp_load_weights_only() -> None:
-    """Let Megatron-FSDP start from a weights-only checkpoint (an imported HF model, `CKPT_LOAD`
-    with `CKPT_RESUME=0`). After such a load megatron asks the distributed optimizer to refresh
-    its fp32 main weights from the model's, which megatron-core 0.19 refuses under Megatron-FSDP.
-    There is nothing to refresh there: the fsdp_dtensor load writes the main weights themselves
-    and FSDP's load_state_dict hook copies them into the compute weights (upstream Megatron-LM
-    made the same method return under Megatron-FSDP later, pull request 4748)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    refresh = DistributedOptimizer._copy_model_params_to_main_params
-    if getattr(refresh, "skips_megatron_fsdp", False):
-        return
-
-    def refresh_unless_megatron_fsdp(self, state_dict=None):
-        if self.ddp_config.use_megatron_fsdp:
-            return None
-        return refresh(self, state_dict=state_dict)
-
-    refresh_unless_megatron_fsdp.skips_megatron_fsdp = True
-    DistributedOptimizer._copy_model_params_to_main_params = refresh_unless_megatron_fsdp
-
-
 def main() -> None:
     args = parse_args(sys.argv[1:])
     if args.dry_run:
@@ -373,9 +323,6 @@ def main() -> None:
 
     apply_patches()
     datasets_provider.is_distributed = True
-    use_make_shim()
-    if args.use_megatron_fsdp:
-        let_megatron_fsdp_load_weights_only()
     pretrain(
         pretrain_cfg_container_from_args(args),
         datasets_provider,

@@ -1,7 +1,8 @@
-"""`pretrain_multimodal.let_megatron_fsdp_load_weights_only`: under Megatron-FSDP the distributed
-optimizer skips the main-weight refresh that megatron-core 0.19 refuses after a weights-only load
-(a fine-tune from an imported checkpoint); every other optimizer still refreshes. The GPU run that
-needed it is in docs/results.md (FSDP fine-tune from an `fsdp_dtensor` import)."""
+"""`megatron_compat.skip_main_weight_refresh_under_megatron_fsdp`: under Megatron-FSDP the
+distributed optimizer skips the main-weight refresh that megatron-core 0.19 refuses after a
+weights-only load (a fine-tune from an imported checkpoint); every other optimizer still
+refreshes. The GPU run that needed it is in docs/results.md (FSDP fine-tune from an
+`fsdp_dtensor` import)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import types
 import pytest
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from pretrain_multimodal import let_megatron_fsdp_load_weights_only
+from megatron_compat import skip_main_weight_refresh_under_megatron_fsdp
 
 
 def optimizer_stub(use_megatron_fsdp: bool):
@@ -32,8 +33,8 @@ def test_refresh_is_skipped_under_fsdp_and_kept_otherwise(monkeypatch):
         "_copy_model_params_to_main_params",
         lambda self, state_dict=None: calls.append(state_dict),
     )
-    let_megatron_fsdp_load_weights_only()
-    let_megatron_fsdp_load_weights_only()  # a second call must not wrap twice
+    skip_main_weight_refresh_under_megatron_fsdp()
+    skip_main_weight_refresh_under_megatron_fsdp()  # a second call must not wrap twice
     refresh = DistributedOptimizer._copy_model_params_to_main_params
     assert refresh(optimizer_stub(True)) is None
     assert calls == []

@@ -133,6 +133,17 @@ def test_moe_expert_parallel(tmp_path):
     assert "MoE 16 experts top-4" in out
 
 
+def test_expert_parallelism_spans_context_parallel_ranks(tmp_path):
+    # megatron lays experts out over TP x EP x expert-DP, independent of CP.
+    out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", CP="2", EP="2", GPUS_PER_NODE="2"))
+    assert "world 2 = TP 1 x CP 2 x PP 1 x DP 1; EP 2" in out
+
+
+def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
+    out = assert_ok(dry_run(tmp_path, CP="2", CP_COMM_TYPE="allgather", GPUS_PER_NODE="2"))
+    assert "--cp-comm-type all_gather" in out
+
+
 @pytest.mark.parametrize(
     ("knobs", "needles"),
     [
@@ -160,6 +171,11 @@ def test_moe_expert_parallel(tmp_path):
             {"CP": "8", "GPUS_PER_NODE": "8", "PACKED": "1"},
             ["Gated DeltaNet has 4 key heads", "TP 1 x CP 8", "dividing 4"],
         ),
+        (
+            {"MODEL_VARIANT": "proxy-moe", "EP": "4", "GPUS_PER_NODE": "2"},
+            ["world size 2 is not divisible by TP x EP x PP", "change EP"],
+        ),
+        ({"TRAIN_ITERS": "5"}, ["WARMUP_ITERS=10 must be below TRAIN_ITERS=5"]),
     ],
     ids=[
         "bad-variant",
@@ -174,6 +190,8 @@ def test_moe_expert_parallel(tmp_path):
         "timing-level",
         "min-lr-above-lr",
         "gdn-heads-over-cp",
+        "ep-not-dividing-world",
+        "warmup-beyond-schedule",
     ],
 )
 def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):
@@ -240,6 +258,11 @@ def megatron_like_args(**overrides) -> SimpleNamespace:
         context_parallel_size=1,
         tensor_model_parallel_size=2,
         sequence_parallel=True,
+        train_iters=20,
+        lr_decay_iters=None,
+        lr_warmup_iters=5,
+        moe_router_fusion=False,
+        moe_router_load_balancing_type="aux_loss",
     )
     args.update(overrides)
     return SimpleNamespace(**args)
@@ -251,6 +274,19 @@ def test_seq_length_check_names_the_multiple():
     packed = megatron_like_args(context_parallel_size=2, packed_sequence=True)
     validate_multimodal_args(packed)
     assert packed.total_seq_length == 1001
+
+
+def test_warmup_must_end_before_the_schedule():
+    with pytest.raises(ValueError, match=r"--lr-warmup-iters 10 \(WARMUP_ITERS\) must be below"):
+        validate_multimodal_args(megatron_like_args(lr_warmup_iters=10, train_iters=5))
+
+
+def test_fused_router_refuses_sequence_aux_loss():
+    args = megatron_like_args(
+        moe_router_fusion=True, moe_router_load_balancing_type=["seq_aux_loss"]
+    )
+    with pytest.raises(ValueError, match="seq_aux_loss with --moe-router-fusion"):
+        validate_multimodal_args(args)
 
 
 def test_seq_length_message_arithmetic_without_cp():
