@@ -236,12 +236,24 @@ def logged_counts(log: str) -> tuple[int, int]:
 
 
 def refusal_message(log: str) -> str:
-    """The launcher's or our argument check's one-line error, if the run stopped with one."""
+    """The launcher's (or our argument checks') one-line refusal, if the run stopped with one."""
     for line in log.splitlines():
-        match = re.search(r"(run_qwen35_vl\.sh: error: .*|ValueError: .*)", line)
+        match = re.match(r"(run_qwen35_vl\.sh: error: .*|error: .*)", line.strip())
         if match:
             return match.group(1)
     return ""
+
+
+def failure_line(log: str) -> str:
+    """The last exception line of a crashed run (e.g. `ValueError: ...`), else its last line."""
+    lines = log.strip().splitlines() or ["no output"]
+    # torchrun's own ChildFailedError only says that a rank failed; the rank's error says why.
+    raised = [
+        line
+        for line in lines
+        if re.search(r"\b\w+(Error|Exception): ", line) and "ChildFailedError" not in line
+    ]
+    return (raised or lines)[-1].strip()[:200]
 
 
 def profile_check(run_dir: str) -> str:
@@ -270,8 +282,7 @@ def evaluate(outcome: Outcome, outcomes: dict[str, Outcome]) -> list[str]:
         if refusal:
             result = f"refused: {refusal}" if run.expect_refusal else f"FAIL (refused: {refusal})"
         else:
-            tail = outcome.log.strip().splitlines()[-1:] or ["no output"]
-            result = f"FAIL (exit {outcome.returncode}: {tail[0][:160]})"
+            result = f"FAIL (exit {outcome.returncode}: {failure_line(outcome.log)})"
         return [run.name, str(run.gpus), "-", "-", "-", "-", "-", "-", result]
     failures = []
     if run.expect_refusal:
@@ -382,6 +393,8 @@ def main() -> int:
         wanted |= {run.reference for run in runs if run.name in wanted and run.reference}
         runs = [run for run in runs if run.name in wanted]
     out = os.path.abspath(args.out)
+    if args.table_only and not os.path.isdir(out):
+        parser.error(f"{out} holds no matrix runs")
     if not args.table_only:
         import torch
 
