@@ -1,5 +1,6 @@
 """Command-line flags of the playground, added to Megatron's parser, plus the checks that fail
-early (before any GPU work) with a message naming the flag to change.
+early (before any GPU work) with a message naming the flag to change and the launcher's
+environment variable behind it. `python -m arguments FLAGS...` is the launcher's model lookup.
 
 `add_multimodal_args` is the `extra_args_provider` for megatron's `parse_and_validate_args`;
 `architecture_argv` turns the chosen model into Megatron's architecture flags.
@@ -8,11 +9,29 @@ early (before any GPU work) with a message naming the flag to change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import sys
 from typing import Any
 
 from models import get_model_entry
+
+# The variable of scripts/run_qwen35_vl.sh behind each flag it sets, named in errors so that a
+# launcher user knows what to change.
+LAUNCHER_VARIABLES = {
+    "--model-variant": "MODEL_VARIANT",
+    "--dataset-provider": "DATASET",
+    "--dataset-path": "DATA_PATH",
+    "--hf-tokenizer-path": "HF_TOKENIZER_PATH",
+    "--load": "CKPT_LOAD",
+    "--mtp-num-layers": "MTP_NUM_LAYERS",
+}
+# A tokenizer directory holds at least one of these (AutoTokenizer reads them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+# Checkpoint keys of the MTP layers, in torch_dist and (after "model.module.") fsdp_dtensor.
+MTP_KEY = "language_model.mtp."
 
 DEFAULT_MIN_PIXELS = 4 * 32 * 32  # 4 merged tokens
 DEFAULT_MAX_PIXELS = 1280 * 32 * 32  # 1280 merged tokens
@@ -63,6 +82,12 @@ def add_multimodal_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--recompute-vision", action="store_true", help="recompute the vision tower in backward"
     )
     group.add_argument(
+        "--mask-im-end",
+        action="store_true",
+        help="keep the <|im_end|> closing each assistant answer out of the loss (by default it "
+        "is trained, so that a fine-tuned model learns to stop)",
+    )
+    group.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the configuration on the CPU, print the plan and exit",
@@ -75,8 +100,15 @@ def preparse(argv: list[str]) -> argparse.Namespace:
     architecture flags derived from them."""
     parser = add_multimodal_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     parser.add_argument("--mtp-num-layers", type=int, default=None)
+    parser.add_argument("--load", default=None)
     args, _ = parser.parse_known_args(argv)
     return args
+
+
+def flag_value(flag: str, value: Any) -> str:
+    """`--flag value (VARIABLE)`: a flag as given and the launcher variable that sets it."""
+    variable = LAUNCHER_VARIABLES.get(flag)
+    return f"{flag} {value}" + (f" ({variable})" if variable else "")
 
 
 def model_config_from_args(args: argparse.Namespace) -> Any:
@@ -105,11 +137,23 @@ def architecture_argv(args: argparse.Namespace) -> list[str]:
 
 
 def check_early(args: argparse.Namespace) -> None:
-    """Checks that need only our own flags; run before Megatron's parser."""
+    """Checks that need only our own flags and local files (tokenizer, dataset shards, the
+    checkpoint to load); run before Megatron's parser and by the launcher."""
     entry = get_model_entry(args.model_name)
     if not args.hf_config_path:
-        entry.get_variant(args.model_variant)
-    entry.dataset_provider(args.dataset_provider)
+        try:
+            entry.get_variant(args.model_variant)
+        except ValueError as error:
+            raise ValueError(
+                f"{flag_value('--model-variant', args.model_variant)}: {error}"
+            ) from error
+    # By name: resolving the provider would import it (megatron, transformers: seconds).
+    if args.dataset_provider not in entry.dataset_providers:
+        valid = ", ".join(sorted(entry.dataset_providers))
+        raise ValueError(
+            f"{flag_value('--dataset-provider', args.dataset_provider)}: unknown dataset provider "
+            f"{args.dataset_provider!r}; valid providers: {valid}"
+        )
     unit = 32 * 32
     if args.min_pixels < unit:
         raise ValueError(f"--min-pixels {args.min_pixels} is below one 32x32 merged patch ({unit})")
@@ -122,10 +166,132 @@ def check_early(args: argparse.Namespace) -> None:
             ("--dataset-path", args.dataset_path),
             ("--hf-tokenizer-path", args.hf_tokenizer_path),
         ):
-            if not value or not os.path.isdir(value):
+            if not value:
                 raise ValueError(
-                    f"the cord_v2 dataset needs {flag} (a local directory), got {value}"
+                    f"the cord_v2 dataset needs {flag} ({LAUNCHER_VARIABLES[flag]}), a local "
+                    "directory (README, CORD-V2)"
                 )
+    if args.hf_tokenizer_path:
+        check_tokenizer_directory(args.hf_tokenizer_path)
+    if args.dataset_provider == "cord_v2":
+        check_cord_v2_shards(args.dataset_path)
+    if args.load:
+        check_checkpoint_model(args, model_config_from_args(args))
+
+
+def check_tokenizer_directory(path: str) -> None:
+    """--hf-tokenizer-path must be a local directory with the model's tokenizer files."""
+    where = flag_value("--hf-tokenizer-path", path)
+    download = (
+        "download them with `hf download Qwen/Qwen3.5-9B --include '*.json' --include "
+        "'*.jinja' --include '*.txt' --local-dir DIR` and set HF_TOKENIZER_PATH=DIR"
+    )
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{where}: no such directory; give the local directory of the model's tokenizer and "
+            f"processor files ({download})"
+        )
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{where}: no {' or '.join(TOKENIZER_FILES)} in it; {download}")
+
+
+def check_cord_v2_shards(dataset_path: str) -> None:
+    """Every split the cord_v2 provider reads has parquet shards under --dataset-path."""
+    from data.cord_v2 import SPLIT_FILES, find_shards
+
+    for split in SPLIT_FILES.values():
+        try:
+            find_shards(dataset_path, split)
+        except ValueError as error:
+            raise ValueError(f"{flag_value('--dataset-path', dataset_path)}: {error}") from error
+
+
+def checkpoint_directory(load: str) -> str | None:
+    """The directory megatron reads under --load (release/ or iter_NNNNNNN/, as the tracker file
+    says); None without a tracker file (megatron then starts from scratch)."""
+    tracker = os.path.join(load, TRACKER_FILE)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        step = f.read().strip()
+    if step == "release":
+        return os.path.join(load, "release")
+    if not step.isdigit():
+        raise ValueError(
+            f"{flag_value('--load', load)}: {tracker} holds {step!r}, neither 'release' nor an "
+            "iteration number; point CKPT_LOAD at a save directory or an import"
+        )
+    return os.path.join(load, f"iter_{int(step):07d}")
+
+
+def check_checkpoint_model(args: argparse.Namespace, config: Any) -> None:
+    """The checkpoint under --load must hold the model trained: an import keeps the HF
+    config.json it came from (compared field by field), and a model with MTP layers needs the
+    checkpoint's MTP tensors (listed in the torch.distributed.checkpoint `.metadata`)."""
+    where = flag_value("--load", args.load)
+    model = (
+        flag_value("--hf-config-path", args.hf_config_path)
+        if args.hf_config_path
+        else flag_value("--model-variant", args.model_variant)
+    )
+    if os.path.isfile(os.path.join(args.load, "config.json")):
+        from transformers import AutoConfig
+
+        entry = get_model_entry(args.model_name)
+        try:
+            stored = entry.from_hf_config(AutoConfig.from_pretrained(args.load), name=args.load)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{where}: its config.json does not load ({error})") from error
+        differences = architecture_differences(stored, config)
+        if differences:
+            matching = [
+                name
+                for name, variant in entry.variants.items()
+                if not architecture_differences(stored, variant)
+            ]
+            fix = (
+                f"set MODEL_VARIANT={matching[0]}"
+                if matching
+                else f"train its architecture with --hf-config-path {args.load}"
+            )
+            raise ValueError(
+                f"{where} holds another model than {model}: its config.json has "
+                f"{', '.join(differences[:4])}; {fix}"
+            )
+    mtp_layers = config.text.mtp_num_hidden_layers
+    directory = checkpoint_directory(args.load)
+    if not mtp_layers or directory is None:
+        return
+    metadata = os.path.join(directory, ".metadata")
+    if not os.path.isfile(metadata):
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as error:  # a truncated or foreign file fails in unpickling, any type
+        raise ValueError(
+            f"{where}: {metadata} does not read as a distributed checkpoint ({error})"
+        ) from error
+    if not any(MTP_KEY in key for key in keys):
+        raise ValueError(
+            f"{where} has no MTP tensors ({MTP_KEY}*: imported from a checkpoint without mtp.* "
+            f"tensors, such as transformers' save_pretrained) but the model trained has "
+            f"{mtp_layers} MTP layer(s); set MTP_NUM_LAYERS=0 (--mtp-num-layers 0)"
+        )
+
+
+def architecture_differences(stored: Any, config: Any) -> list[str]:
+    """`field stored (model: value)` for every text or vision field in which `stored` differs
+    from `config`; the MTP depth aside (an import has MTP layers when it has their tensors)."""
+    differences = []
+    for part in ("text", "vision"):
+        theirs = dataclasses.asdict(getattr(stored, part))
+        ours = dataclasses.asdict(getattr(config, part))
+        for name, value in theirs.items():
+            if name != "mtp_num_hidden_layers" and ours[name] != value:
+                differences.append(f"{name} {value} ({config.name}: {ours[name]})")
+    return differences
 
 
 def validate_multimodal_args(args: argparse.Namespace) -> None:
@@ -166,6 +332,7 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
             "drop --moe-router-fusion"
         )
     config = model_config_from_args(args)
+    check_architecture_flags(args, config)
     if args.expert_model_parallel_size > 1 and not config.text.num_experts:
         raise ValueError(
             f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; "
@@ -178,6 +345,56 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
             f"--total-seq-length {args.total_seq_length} must be a multiple of {multiple} "
             f"({pad_multiple_reason(args)}) for BSHD batches; change --total-seq-length or CP/TP"
         )
+
+
+def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:
+    """Megatron's architecture arguments must be the model's: the user's flags come after the
+    model's (`architecture_argv`), so a different value would win in megatron's arguments (memory
+    plan, FLOPs, checkpoint metadata) while the model is built from the config. Every field that
+    any variant's flags set is checked; those this model's flags leave out keep megatron's
+    default (a dense model's expert flags, a tied model's untie flag)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    defaults = vars(parser.parse_args([]))
+
+    def fields(flag: str) -> dict[str, Any]:
+        # Namespace fields already present are not reset to their defaults by argparse, so
+        # the flag's own fields are the ones that lose the marker.
+        unset = object()
+        namespace = parser.parse_args([flag], argparse.Namespace(**dict.fromkeys(defaults, unset)))
+        return {name: value for name, value in vars(namespace).items() if value is not unset}
+
+    variants = get_model_entry(args.model_name).variants.values()
+    any_variant = {flag.split("=")[0]: flag for v in variants for flag in v.megatron_args()}
+    expected: dict[str, tuple[str, Any]] = {}
+    for name, flag in any_variant.items():
+        for field in fields(flag):
+            expected[field] = (name, defaults[field])
+    for flag in config.megatron_args():
+        for field, value in fields(flag).items():
+            expected[field] = (flag.split("=")[0], value)
+    model = (
+        flag_value("--hf-config-path", args.hf_config_path)
+        if args.hf_config_path
+        else f"MODEL_VARIANT={args.model_variant}"
+    )
+    for field, (flag, value) in expected.items():
+        given = getattr(args, field)
+        # megatron's validation unwraps one-element lists (--moe-aux-loss-coeff takes several).
+        if single(given) != single(value):
+            raise ValueError(
+                f"{flag} {single(given)} disagrees with the model trained ({model}), which has "
+                f"{single(value)}: "
+                f"architecture flags after the script name must match the model; drop {flag}, "
+                "choose another MODEL_VARIANT, or give a custom architecture as "
+                "--hf-config-path CONFIG_DIR"
+            )
+
+
+def single(value: Any) -> Any:
+    """The element of a one-element list, else `value`."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 def check_gated_deltanet_heads(config: Any, tp: int, cp: int) -> None:
@@ -212,3 +429,29 @@ def pad_multiple(args: argparse.Namespace) -> int:
     when sequence parallelism shards the sequence."""
     tp = args.tensor_model_parallel_size if args.sequence_parallel else 1
     return 2 * args.context_parallel_size * tp if args.context_parallel_size > 1 else tp
+
+
+def launcher_facts(argv: list[str]) -> dict[str, Any]:
+    """What scripts/run_qwen35_vl.sh needs to know of the model that `argv` (the flags it passes
+    to pretrain_multimodal.py, a --hf-config-path of the user's included) trains, after the
+    early checks: its routed experts (0 when dense), its position limit and its name."""
+    args = preparse(argv)
+    check_early(args)
+    config = model_config_from_args(args)
+    return {
+        "num_experts": config.text.num_experts,
+        "max_position_embeddings": config.text.max_position_embeddings,
+        "name": config.name,
+    }
+
+
+if __name__ == "__main__":
+    # The launcher's lookup: the facts' values on one line (the name last: a path may hold
+    # spaces), or the bad flag's message on stdout (the launcher prints it as its own error line)
+    # and exit status 1.
+    try:
+        facts = launcher_facts(sys.argv[1:])
+    except ValueError as error:
+        print(error)
+        sys.exit(1)
+    print(*facts.values())

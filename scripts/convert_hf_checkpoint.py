@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
@@ -81,16 +81,31 @@ CHECKPOINT_VERSION = 3.0
 TORCH_DIST, FSDP_DTENSOR = "torch_dist", "fsdp_dtensor"
 
 
+def open_safetensors(path: str) -> safe_open:
+    """safe_open, with a missing or damaged (e.g. truncated) file named in a ValueError."""
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({error}); download it again"
+        ) from error
+
+
 class TensorSource:
     """Lazy access to the tensors of a safetensors checkpoint (single file or sharded index)."""
 
     def __init__(self, directory: str) -> None:
         index_path = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError) as error:
+                raise ValueError(
+                    f"{index_path}: not a safetensors index with a weight_map ({error})"
+                ) from error
         elif os.path.exists(os.path.join(directory, "model.safetensors")):
-            with safe_open(os.path.join(directory, "model.safetensors"), "pt") as f:
+            with open_safetensors(os.path.join(directory, "model.safetensors")) as f:
                 weight_map = dict.fromkeys(f.keys(), "model.safetensors")
         else:
             raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor model.safetensors")
@@ -107,7 +122,7 @@ class TensorSource:
         # resident (and counted) for as long as a file is open.
         file = self.weight_map[name]
         if self._open_name != file:
-            self._open_handle = safe_open(os.path.join(self.directory, file), "pt")
+            self._open_handle = open_safetensors(os.path.join(self.directory, file))
             self._open_name = file
         return self._open_handle
 
@@ -136,6 +151,8 @@ class ShardWriter:
 
     def __init__(self, directory: str, prefix: str, max_bytes: int) -> None:
         os.makedirs(directory, exist_ok=True)
+        if os.listdir(directory):
+            raise FileExistsError(f"{directory} is not empty; choose a new --out directory")
         self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffered = 0
@@ -390,6 +407,13 @@ def import_checkpoint(
             "Gated DeltaNet's fused in_proj / conv1d in the TP layout of the run that wrote them; "
             "import for TP=1 (any EP / DP), or use torch_dist for TP>1"
         )
+    if not os.path.isdir(hf_path):
+        raise FileNotFoundError(f"--hf-path {hf_path}: no such directory")
+    if not os.path.isfile(os.path.join(hf_path, "config.json")):
+        raise FileNotFoundError(
+            f"--hf-path {hf_path} has no config.json: give the directory of a Hugging Face "
+            "checkpoint (config.json and the safetensors shards)"
+        )
     source = TensorSource(hf_path)
     config = load_hf_config(hf_path, source)
     rules = weight_rules(config)
@@ -406,12 +430,13 @@ def import_checkpoint(
     hf_shapes = hf_tensor_shapes(config)
     shapes = {rule.megatron: megatron_shape(rule, hf_shapes) for rule in rules}
     check_layout(rules, shapes, config, tp, ep)
-    writer = DistCheckpointWriter(os.path.join(out, "release"), max_bytes)
+    # Reading every dtype opens every shard's header: a damaged shard stops us before writing.
     planned = [
         (rule, chunk, source.dtype(rule.hf[0]))
         for rule in rules
         for chunk in checkpoint_chunks(megatron_format, rule, shapes[rule.megatron], config)
     ]
+    writer = DistCheckpointWriter(os.path.join(out, "release"), max_bytes)
     progress = Progress(len(planned), "import (chunks)")
     last = _LastTensor(source)
 
@@ -601,10 +626,18 @@ def main() -> None:
     args = parser.parse_args()
     max_bytes = int(args.max_shard_gib * 1024**3)
     start = time.perf_counter()
-    if args.command == "import":
-        result = import_checkpoint(args.hf_path, args.out, args.tp, args.ep, max_bytes, args.format)
-    else:
-        result = export_checkpoint(args.megatron_path, args.out, args.hf_config, max_bytes)
+    try:
+        if args.command == "import":
+            result = import_checkpoint(
+                args.hf_path, args.out, args.tp, args.ep, max_bytes, args.format
+            )
+        else:
+            result = export_checkpoint(args.megatron_path, args.out, args.hf_config, max_bytes)
+    except (ValueError, OSError, KeyError) as error:
+        # Bad input (a missing or damaged file, an occupied --out, tensors or a layout that do
+        # not fit the model) is one line; KeyError's str() would quote its message.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"convert_hf_checkpoint.py {args.command}: error: {message}")
     print(
         f"{args.command} done in {time.perf_counter() - start:.1f} s; "
         f"peak memory {result['peak_memory_mib']:,.0f} MiB"

@@ -12,7 +12,8 @@ die() { echo "run_qwen35_vl.sh: error: $*" >&2; exit 1; }
 if [ -n "${PYTHON:-}" ]; then :
 elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
 else PYTHON=python3; fi
-source scripts/torch_cudnn.sh
+# --help needs neither a GPU nor the checks below.
+case " $* " in *" --help "*|*" -h "*) exec "$PYTHON" pretrain_multimodal.py --help ;; esac
 
 MODEL_VARIANT=${MODEL_VARIANT:-proxy}
 TP=${TP:-1}; CP=${CP:-1}; EP=${EP:-1}; PP=${PP:-1}; FSDP=${FSDP:-0}
@@ -24,12 +25,10 @@ elif [ -z "${GPUS_PER_NODE:-}" ]; then
   [ "${GPUS_PER_NODE:-0}" -gt 0 ] || GPUS_PER_NODE=1
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-MBS=${MBS:-1}; SEQ_LEN=${SEQ_LEN:-4096}; PACKED=${PACKED:-0}
+MBS=${MBS:-1}; GBS=${GBS:-}; SEQ_LEN=${SEQ_LEN:-4096}; PACKED=${PACKED:-0}
 DATASET=${DATASET:-mock}; DATA_PATH=${DATA_PATH:-}; HF_TOKENIZER_PATH=${HF_TOKENIZER_PATH:-}
 NUM_WORKERS=${NUM_WORKERS:-2}
-TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}
-# The cosine schedule ends at a tenth of the peak unless MIN_LR says otherwise.
-MIN_LR=${MIN_LR:-$(awk -v lr="$LR" 'BEGIN { printf "%g", lr / 10 }')}
+TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-}
 WARMUP_ITERS=${WARMUP_ITERS:-10}; SEED=${SEED:-1234}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-2}
 RUN_DIR=${RUN_DIR:-runs/qwen35_vl_${MODEL_VARIANT}}
@@ -38,51 +37,96 @@ CKPT_SAVE=${CKPT_SAVE:-}; CKPT_LOAD=${CKPT_LOAD:-}; CKPT_RESUME=${CKPT_RESUME:-1
 SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
 RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
-MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}
+MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}; MASK_IM_END=${MASK_IM_END:-0}
 CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}
 PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-0}
 LAUNCHER=${LAUNCHER:-torchrun}
 DETERMINISTIC=${DETERMINISTIC:-0}
 DRY_RUN=${DRY_RUN:-0}
 
-# ---- fail fast on layouts megatron would reject later ----------------------------------------
-variant_info=$("$PYTHON" - "$MODEL_VARIANT" <<'PY'
-import sys
-from models.qwen35_vl.configuration import get_variant
-try:
-    config = get_variant(sys.argv[1])
-except ValueError as error:
-    sys.exit(f"run_qwen35_vl.sh: error: MODEL_VARIANT: {error}")
-print(config.text.num_experts)
-PY
-) || exit 1
-NUM_EXPERTS=$variant_info
-WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
-[ "$PP" -eq 1 ] || die "PP=$PP: pipeline parallelism is not supported yet (the vision tower and decoder are built whole on every rank); use PP=1"
-if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then
-  die "EP=$EP needs a mixture-of-experts variant, but MODEL_VARIANT=$MODEL_VARIANT is dense; use EP=1 (or a MoE variant: proxy-moe, 35b_a3b, 122b_a10b, 397b)"
-fi
-# megatron lays dense layers out as TP x CP x DP x PP and experts as ETP x EP x expert-DP x PP
-# (ETP = TP), so EP spans CP and DP ranks and need not divide the world with CP.
-model_parallel=$((TP * CP * PP))
-[ $((WORLD_SIZE % model_parallel)) -eq 0 ] || die "world size $WORLD_SIZE (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP x CP x PP = $TP x $CP x $PP = $model_parallel"
-expert_parallel=$((TP * EP * PP))
-[ $((WORLD_SIZE % expert_parallel)) -eq 0 ] || die "world size $WORLD_SIZE is not divisible by TP x EP x PP = $TP x $EP x $PP = $expert_parallel (megatron's expert layout); change EP"
+# ---- every variable checked in bash before anything runs -----------------------------------------
+# One line per refusal: the variable as given, what is wrong, what to set. Integers must be plain
+# decimals: bash arithmetic reads "08" as octal and "abc" as the name of another variable.
+is_int() { [[ $1 =~ ^(0|[1-9][0-9]{0,17})$ ]]; }
+is_number() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
+positive_ints() {
+  local name
+  for name in "$@"; do
+    { is_int "${!name}" && [ "${!name}" -gt 0 ]; } || die "$name=${!name}: not a positive integer; use 1, 2, 3, ..."
+  done
+}
+non_negative_ints() {
+  local name
+  for name in "$@"; do
+    is_int "${!name}" || die "$name=${!name}: not an integer >= 0; use 0, 1, 2, ..."
+  done
+}
+switches() {
+  local name
+  for name in "$@"; do
+    case "${!name}" in 0|1) ;; *) die "$name=${!name}: not a switch; use 0 (off) or 1 (on)" ;; esac
+  done
+}
+# "a or b": the multiples of $2 around $1, for messages.
+nearest_multiples() {
+  local below=$(($1 / $2 * $2))
+  if [ "$below" -gt 0 ]; then echo "$below or $((below + $2))"; else echo "$2"; fi
+}
+
+positive_ints TP CP EP PP NNODES GPUS_PER_NODE MBS SEQ_LEN TRAIN_ITERS SAVE_INTERVAL EVAL_INTERVAL
+non_negative_ints EVAL_ITERS WARMUP_ITERS NUM_WORKERS SEED
+[ -z "$MTP_NUM_LAYERS" ] || non_negative_ints MTP_NUM_LAYERS
+[ -z "$GBS" ] || positive_ints GBS
+switches PACKED FSDP RECOMPUTE RECOMPUTE_VISION DETERMINISTIC DRY_RUN FORCE_LOAD_BALANCING \
+  CKPT_RESUME MASK_IM_END
+{ is_int "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ]; } \
+  || die "NODE_RANK=$NODE_RANK: not a node of NNODES=$NNODES; use $([ "$NNODES" -eq 1 ] && echo 0 || echo "0 to $((NNODES - 1))") (0 on the first node)"
+{ is_int "$MASTER_PORT" && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ]; } \
+  || die "MASTER_PORT=$MASTER_PORT: not a TCP port; use 1 to 65535 (default 29500)"
+{ is_number "$LR" && awk -v lr="$LR" 'BEGIN { exit !(lr + 0 > 0) }'; } \
+  || die "LR=$LR: not a positive number; use e.g. LR=3e-4 (the default)"
+# The cosine schedule ends at a tenth of the peak unless MIN_LR says otherwise.
+[ -n "$MIN_LR" ] || MIN_LR=$(awk -v lr="$LR" 'BEGIN { printf "%g", lr / 10 }')
+is_number "$MIN_LR" || die "MIN_LR=$MIN_LR: not a number >= 0; use e.g. MIN_LR=3e-5, or leave it unset for LR / 10"
+awk -v lr="$LR" -v min="$MIN_LR" 'BEGIN { exit !(min + 0 <= lr + 0) }' \
+  || die "MIN_LR=$MIN_LR is above LR=$LR: the cosine schedule decays from LR down to MIN_LR"
 [ "$WARMUP_ITERS" -lt "$TRAIN_ITERS" ] || die "WARMUP_ITERS=$WARMUP_ITERS must be below TRAIN_ITERS=$TRAIN_ITERS (the warmup is part of the schedule); lower WARMUP_ITERS or raise TRAIN_ITERS"
-DP=$((WORLD_SIZE / (TP * CP * PP)))
-# Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
-GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
 # Transformer Engine names the all-gather scheme all_gather and refuses megatron's "allgather".
 case "$CP_COMM_TYPE" in
   p2p|a2a|a2a+p2p) ;;
   allgather|all_gather) CP_COMM_TYPE=all_gather ;;
   *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;;
 esac
-awk -v lr="$LR" -v min="$MIN_LR" 'BEGIN { exit !(min + 0 <= lr + 0) }' \
-  || die "MIN_LR=$MIN_LR is above LR=$LR: the cosine schedule decays from LR down to MIN_LR"
-case "$FSDP" in 0|1) ;; *) die "FSDP=$FSDP: use 0 or 1" ;; esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
+if [ "$PROFILE" != 0 ]; then
+  { [[ $PROFILE_STEPS =~ ^([0-9]+):([0-9]+)$ ]] \
+    && [ "${BASH_REMATCH[1]}" -lt "${BASH_REMATCH[2]}" ]; } \
+    || die "PROFILE_STEPS=$PROFILE_STEPS: use START:END iterations with START below END, e.g. 5:7"
+fi
 case "$TIMING_LOG_LEVEL" in 0|1|2) ;; *) die "TIMING_LOG_LEVEL=$TIMING_LOG_LEVEL: use 0, 1 or 2 (2 adds the data timer batch-generator; each level adds CUDA syncs)" ;; esac
+[ "$LAUNCHER" = torchrun ] || die "LAUNCHER=$LAUNCHER: only torchrun is supported; use LAUNCHER=torchrun"
+if [ "$DETERMINISTIC" = 1 ] && [ "$PACKED" = 1 ]; then
+  die "DETERMINISTIC=1 needs BSHD batches (PACKED=0): megatron's deterministic Gated DeltaNet path does not take packed sequences"
+fi
+
+# ---- parallel layout, batch and sequence ---------------------------------------------------------
+WORLD_SIZE=$((NNODES * GPUS_PER_NODE))
+[ "$PP" -eq 1 ] || die "PP=$PP: pipeline parallelism is not supported yet (the vision tower and decoder are built whole on every rank); use PP=1"
+model_parallel=$((TP * CP * PP))
+[ $((WORLD_SIZE % model_parallel)) -eq 0 ] || die "world size $WORLD_SIZE (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP x CP x PP = $TP x $CP x $PP = $model_parallel"
+DP=$((WORLD_SIZE / model_parallel))
+# Default global batch: at least 8 samples per step, at least one micro-batch per DP rank.
+GBS=${GBS:-$((MBS * DP * (DP >= 8 ? 1 : (8 + DP - 1) / DP)))}
+[ $((GBS % (MBS * DP))) -eq 0 ] || die "GBS=$GBS: not a multiple of MBS x DP = $MBS x $DP = $((MBS * DP)) (each of the $DP data-parallel ranks takes whole micro-batches of MBS=$MBS); use GBS=$(nearest_multiples "$GBS" $((MBS * DP)))"
+# Context parallelism splits each sequence into 2 x CP load-balanced chunks, and sequence
+# parallelism (on whenever TP>1) splits BSHD rows over TP; packed (THD) batches are padded to
+# that multiple per sample by the collate, megatron still checks SEQ_LEN against 2 x CP.
+seq_multiple=1; seq_reason=
+if [ "$CP" -gt 1 ]; then seq_multiple=$((2 * CP)); seq_reason="2 x CP=$CP"; fi
+if [ "$TP" -gt 1 ] && [ "$PACKED" = 0 ]; then
+  seq_multiple=$((seq_multiple * TP)); seq_reason="${seq_reason:+$seq_reason x }TP=$TP with sequence parallelism"
+fi
+[ $((SEQ_LEN % seq_multiple)) -eq 0 ] || die "SEQ_LEN=$SEQ_LEN: not a multiple of $seq_multiple ($seq_reason), the pieces the parallel layout splits each sample into; use SEQ_LEN=$(nearest_multiples "$SEQ_LEN" "$seq_multiple")"
 
 # An imported (release) checkpoint holds weights only, and megatron-fsdp reads fsdp_dtensor
 # checkpoints only: say so here instead of failing deep inside megatron's loader.
@@ -94,11 +138,12 @@ check_checkpoint_to_load() {
     die "CKPT_LOAD=$CKPT_LOAD has no latest_checkpointed_iteration.txt: give a save directory or one written by scripts/convert_hf_checkpoint.py import (or set CKPT_SAVE to the same directory to resume automatically)"
   fi
   step=$(cat "$tracker")
+  [[ $step =~ ^(release|[0-9]+)$ ]] || die "CKPT_LOAD=$CKPT_LOAD: its latest_checkpointed_iteration.txt holds '$step', neither release nor an iteration number; give a save directory or an import"
   if [ "$step" = release ]; then
     [ "$CKPT_RESUME" = 0 ] || die "CKPT_LOAD=$CKPT_LOAD is an imported (release) checkpoint with weights only (no optimizer, iteration or RNG state): set CKPT_RESUME=0 to fine-tune from it"
     dir="$CKPT_LOAD/release"
   else
-    dir=$(printf '%s/iter_%07d' "$CKPT_LOAD" "$step")
+    dir=$(printf '%s/iter_%07d' "$CKPT_LOAD" "$((10#$step))")
   fi
   if [ "$FSDP" = 1 ] && [ -f "$dir/metadata.json" ]; then
     die "FSDP=1 loads fsdp_dtensor checkpoints only, and $dir is torch_dist: import with --format fsdp_dtensor (or train with FSDP=0)"
@@ -107,8 +152,9 @@ check_checkpoint_to_load() {
     die "$dir is an fsdp_dtensor checkpoint, which only FSDP=1 loads: set FSDP=1 (or import with --format torch_dist)"
   fi
 }
+[ -z "$CKPT_LOAD" ] || check_checkpoint_to_load
 
-# ---- megatron arguments ------------------------------------------------------------------------
+# ---- megatron arguments --------------------------------------------------------------------------
 ARGS=(
   --model-name qwen35_vl --model-variant "$MODEL_VARIANT"
   --tensor-model-parallel-size "$TP" --context-parallel-size "$CP"
@@ -134,7 +180,6 @@ ARGS=(
 if [ "$DETERMINISTIC" = 1 ]; then
   # Bitwise-reproducible runs: megatron's deterministic mode (torch Gated DeltaNet rule, TE and
   # cuBLAS deterministic algorithms); it rejects the fused cross entropy. BSHD only.
-  [ "$PACKED" = 1 ] && die "DETERMINISTIC=1 needs BSHD batches (PACKED=0): megatron's deterministic Gated DeltaNet path does not take packed sequences"
   ARGS+=(--deterministic-mode)
 else
   ARGS+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl native)
@@ -154,20 +199,11 @@ else
   ARGS+=(--use-distributed-optimizer --overlap-grad-reduce --ckpt-format torch_dist)
   export CUDA_DEVICE_MAX_CONNECTIONS=1
 fi
-if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
-  # megatron's (non-TE) output layer refuses gradient-accumulation fusion without APEX's kernel,
-  # with megatron-fsdp too (its fusion through TE covers the TE layers only).
-  echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
-  ARGS+=(--no-gradient-accumulation-fusion)
-fi
-if [ "$NUM_EXPERTS" -gt 0 ]; then
-  ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)
-  [ "$FORCE_LOAD_BALANCING" = 1 ] && ARGS+=(--moe-router-force-load-balancing)
-fi
 if [ "$RECOMPUTE" = 1 ]; then
   ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 fi
 [ "$RECOMPUTE_VISION" = 1 ] && ARGS+=(--recompute-vision)
+[ "$MASK_IM_END" = 1 ] && ARGS+=(--mask-im-end)
 if [ -n "$CKPT_SAVE" ]; then
   ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL")
 else
@@ -176,7 +212,6 @@ else
   ARGS+=(--rerun-mode disabled)
 fi
 if [ -n "$CKPT_LOAD" ]; then
-  check_checkpoint_to_load
   ARGS+=(--load "$CKPT_LOAD")
   # CKPT_RESUME=0: fine-tune from the weights only (iteration 0, fresh optimizer and RNG).
   [ "$CKPT_RESUME" = 0 ] && ARGS+=(--finetune --no-load-optim --no-load-rng)
@@ -185,28 +220,68 @@ if [ "$PROFILE" != 0 ]; then
   ARGS+=(--profile --profile-step-start "${PROFILE_STEPS%:*}" --profile-step-end "${PROFILE_STEPS#*:}" --profile-ranks 0)
   [ "$PROFILE" = torch ] && ARGS+=(--use-pytorch-profiler)
 fi
+
+# ---- the model trained: MODEL_VARIANT, or a --hf-config-path after the script name ---------------
+source scripts/torch_cudnn.sh
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# arguments.py runs its early checks (variant, dataset provider and shards, tokenizer directory,
+# the checkpoint's config.json and MTP tensors) on the flags pretrain_multimodal.py will get and
+# prints the model's routed experts, position limit and name, or the bad flag's message.
+if ! facts=$("$PYTHON" -m arguments "${ARGS[@]}" "$@"); then
+  facts=${facts##*$'\n'}
+  die "${facts:-python -m arguments failed (output above)}"
+fi
+read -r NUM_EXPERTS MAX_POSITIONS MODEL <<< "${facts##*$'\n'}"
+if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then
+  die "EP=$EP needs a mixture-of-experts model, but $MODEL is dense; use EP=1 (or a MoE variant: proxy-moe, 35b_a3b, 122b_a10b, 397b)"
+fi
+if [ "$NUM_EXPERTS" -eq 0 ] && [ "$FORCE_LOAD_BALANCING" = 1 ]; then
+  die "FORCE_LOAD_BALANCING=1 balances the experts of a MoE model, and $MODEL is dense; use FORCE_LOAD_BALANCING=0"
+fi
+if [ "$NUM_EXPERTS" -gt 0 ] && [ $((NUM_EXPERTS % EP)) -ne 0 ]; then
+  die "EP=$EP: the $NUM_EXPERTS experts of $MODEL do not split over it; use an EP dividing $NUM_EXPERTS"
+fi
+# megatron lays dense layers out as TP x CP x DP x PP and experts as ETP x EP x expert-DP x PP
+# (ETP = TP), so EP spans CP and DP ranks and need not divide the world with CP.
+expert_parallel=$((TP * EP * PP))
+[ $((WORLD_SIZE % expert_parallel)) -eq 0 ] || die "EP=$EP: world size $WORLD_SIZE is not divisible by TP x EP x PP = $TP x $EP x $PP = $expert_parallel (megatron's expert layout); use an EP that makes TP x EP x PP divide $WORLD_SIZE"
+[ "$SEQ_LEN" -le "$MAX_POSITIONS" ] || die "SEQ_LEN=$SEQ_LEN: above the $MAX_POSITIONS positions of $MODEL (max_position_embeddings); use SEQ_LEN=$MAX_POSITIONS or less"
+if [ "$NUM_EXPERTS" -gt 0 ]; then
+  ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)
+  [ "$FORCE_LOAD_BALANCING" = 1 ] && ARGS+=(--moe-router-force-load-balancing)
+fi
+if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
+  # megatron's (non-TE) output layer refuses gradient-accumulation fusion without APEX's kernel,
+  # with megatron-fsdp too (its fusion through TE covers the TE layers only).
+  echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
+  ARGS+=(--no-gradient-accumulation-fusion)
+fi
 ARGS+=("$@")
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "DRY_RUN: $LAUNCHER would start $WORLD_SIZE processes ($NNODES node(s) x $GPUS_PER_NODE GPU(s)) running:"
   echo "  pretrain_multimodal.py ${ARGS[*]}"
-  WORLD_SIZE=$WORLD_SIZE RANK=0 LOCAL_RANK=0 exec "$PYTHON" pretrain_multimodal.py "${ARGS[@]}" --dry-run
+  # GBS stays unexported: the planner reads a GBS in the environment as the user's choice.
+  RUN_DIR="$RUN_DIR" NNODES="$NNODES" GPUS_PER_NODE="$GPUS_PER_NODE" WORLD_SIZE=$WORLD_SIZE \
+    RANK=0 LOCAL_RANK=0 exec "$PYTHON" pretrain_multimodal.py "${ARGS[@]}" --dry-run
 fi
 
-mkdir -p "$RUN_DIR"
-case "$LAUNCHER" in
-  torchrun)
-    CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK"
-         --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-         pretrain_multimodal.py "${ARGS[@]}") ;;
-  *) die "LAUNCHER=$LAUNCHER: only torchrun is supported" ;;
-esac
+# Checked here, not in Python: torchrun would wrap the one-line error in its own traceback.
+"$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+  || die "no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
+mkdir -p "$RUN_DIR/logs"
+CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK"
+     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+     pretrain_multimodal.py "${ARGS[@]}")
 if [ "$PROFILE" = nsys ]; then
   CMD=(nsys profile -o "$RUN_DIR/profile" --capture-range=cudaProfilerApi --capture-range-end=stop
        --trace=cuda,nvtx --force-overwrite true "${CMD[@]}")
 fi
+# Every run keeps its output; resuming (CKPT_LOAD=CKPT_SAVE) appends a new file beside the old.
+LOG_FILE="$RUN_DIR/logs/$(date +%Y%m%d-%H%M%S)-node$NODE_RANK.log"
+echo "run_qwen35_vl.sh: stdout and stderr also go to $LOG_FILE"
+exec > >(tee -a "$LOG_FILE") 2> >(tee -a "$LOG_FILE" >&2)
 echo "run_qwen35_vl.sh: ${CMD[*]}"
 exec "${CMD[@]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -296,3 +297,39 @@ def test_fsdp_dtensor_refuses_what_its_layout_cannot_hold(tmp_path):
     dcp.save(state, storage_writer=dcp.FileSystemWriter(trained), no_dist=True)
     with pytest.raises(ValueError, match="saved with TP=2"):
         export_checkpoint(trained, str(tmp_path / "back"), hf_config_dir=hf)
+
+
+def test_export_refuses_a_non_empty_output_directory(tmp_path):
+    hf, megatron, back = (str(tmp_path / name) for name in ("hf", "megatron", "back"))
+    save_tiny(hf, moe=False, with_mtp=False)
+    import_checkpoint(hf, megatron)
+    os.makedirs(back)
+    open(os.path.join(back, "stale"), "w").close()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_checkpoint(megatron, back)
+    assert os.listdir(back) == ["stale"]
+
+
+def test_import_names_a_missing_directory_or_config(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--hf-path {missing}: no such")):
+        import_checkpoint(missing, str(tmp_path / "out"))
+    hf = str(tmp_path / "hf")
+    save_tiny(hf, moe=False, with_mtp=False)
+    os.remove(os.path.join(hf, "config.json"))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--hf-path {hf} has no config.json")):
+        import_checkpoint(hf, str(tmp_path / "out"))
+
+
+def test_import_names_a_truncated_shard(tmp_path):
+    hf = str(tmp_path / "hf")
+    save_tiny(hf, moe=False, with_mtp=False)
+    with open(os.path.join(hf, INDEX_FILE)) as f:
+        shard = os.path.join(hf, sorted(set(json.load(f)["weight_map"].values()))[-1])
+    with open(shard, "rb") as f:
+        data = f.read()
+    with open(shard, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: not a readable safetensors file")):
+        import_checkpoint(hf, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
