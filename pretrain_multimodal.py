@@ -3,16 +3,16 @@
 The model comes from `models.MODEL_REGISTRY` (--model-name, --model-variant or --hf-config-path),
 the data from the entry's dataset provider (--dataset-provider) through our collate
 (--dataloader-type external). With --dry-run it validates everything on the CPU and prints the
-plan (parallel layout, parameter counts, memory per GPU) instead of training.
+plan of `planner.py` (parallel layout, parameter counts, memory per GPU, changes that fit)
+instead of training; without a GPU a real run stops at once and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import sys
-import types
+from collections.abc import Iterator
 from typing import Any
 
 from arguments import (
@@ -27,12 +27,9 @@ from arguments import (
 from data.tokens import token_ids_from_args
 from megatron_compat import SavedArgs
 from models import get_model_entry
+from planner import dry_run_log_path, output_to, planning_device, print_dry_run_plan
 
-GIB = 1024**3
-# A CPU dry run plans for this GPU.
-PLANNED_GPU = types.SimpleNamespace(
-    name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * GIB
-)
+NO_GPU = "no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
 
 
 def resolved_model_config(args: argparse.Namespace) -> Any:
@@ -163,157 +160,107 @@ def token_throughput(args: argparse.Namespace, config: Any) -> Any:
     )
 
 
-def memory_plan(args: argparse.Namespace, counts: Any) -> dict[str, float]:
-    """Rough per-GPU memory in GiB: bf16 weights, fp32 gradients, Adam state (fp32 master,
-    m, v) sharded by the distributed optimizer or megatron-fsdp, and activations."""
-    tp, cp, ep = (
-        args.tensor_model_parallel_size,
-        args.context_parallel_size,
-        args.expert_model_parallel_size,
+def wants_help(argv: list[str]) -> bool:
+    """-h / --help anywhere: answered before any check, GPU or not."""
+    return "-h" in argv or "--help" in argv
+
+
+def print_help() -> None:
+    """megatron's flags and ours. megatron-core 0.19.2 has help strings with a bare `%`, which
+    argparse reads as a format character: escape those before printing."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain_multimodal.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
-    dp = args.data_parallel_size
-    expert_dp = max(1, args.world_size // (ep * args.expert_tensor_parallel_size))
-    experts = counts.routed_experts
-    dense = counts.total + counts.mtp - experts
-    local_dense, local_experts = dense / tp, experts / ep
-    params = local_dense + local_experts
-    shard = (
-        params
-        if not args.use_distributed_optimizer and not args.use_megatron_fsdp
-        else (local_dense / (dp * cp) + local_experts / expert_dp)
-    )
-    fsdp_params = (
-        args.use_megatron_fsdp and args.data_parallel_sharding_strategy == "optim_grads_params"
-    )
-    fsdp_grads = args.use_megatron_fsdp and args.data_parallel_sharding_strategy in (
-        "optim_grads",
-        "optim_grads_params",
-    )
-    tokens = (
-        args.micro_batch_size * args.total_seq_length / cp / (tp if args.sequence_parallel else 1)
-    )
-    layers = args.num_layers  # mixer and MLP sub-layers of the hybrid pattern
-    per_token = 2 if args.recompute_granularity == "full" else 18
-    activations = tokens * args.hidden_size * per_token * layers + tokens * args.vocab_size / tp * 4
-    return {
-        "weights (bf16)": 2 * (shard if fsdp_params else params) / GIB,
-        "gradients (fp32)": 4 * (shard if fsdp_grads else params) / GIB,
-        "optimizer (fp32 master + Adam m, v)": 12 * shard / GIB,
-        "activations (rough)": activations / GIB,
-    }
-
-
-def have_transformer_engine() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
-def print_dry_run_plan(args: argparse.Namespace) -> None:
-    """Build the model configs on the CPU (their validation runs) and print the plan."""
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    from models.qwen35_vl.configuration import human_count
-
-    config = resolved_model_config(args)
-    config_args, skipped = args, []
-    if not have_transformer_engine():
-        # TransformerConfig refuses TE-kernel fusions without TE; they are checked on the GPU.
-        config_args = copy.copy(args)
-        for flag in ("moe_permute_fusion", "moe_router_fusion"):
-            if getattr(args, flag, False):
-                setattr(config_args, flag, False)
-                skipped.append("--" + flag.replace("_", "-"))
-    get_model_entry(args.model_name).transformer_configs(
-        config, core_transformer_config_from_args(config_args), args.recompute_vision
-    )
-
-    counts = config.parameter_counts()
-    text = config.text
-    if args.use_megatron_fsdp:
-        sharding = f"megatron-fsdp ({args.data_parallel_sharding_strategy})"
-    else:
-        sharding = "distributed optimizer" if args.use_distributed_optimizer else "DDP"
-    layout = (
-        f"world {args.world_size} = TP {args.tensor_model_parallel_size} x CP "
-        f"{args.context_parallel_size} x PP {args.pipeline_model_parallel_size} x DP "
-        f"{args.data_parallel_size}; EP {args.expert_model_parallel_size}; sequence parallel "
-        f"{'on' if args.sequence_parallel else 'off'}; {sharding}"
-    )
-    mode = "THD packed" if args.packed_sequence else "BSHD padded"
-    lines = [
-        f"DRY RUN {args.model_name} / {config.name} ({config.source})",
-        f"  parallel layout: {layout}",
-        f"  batch: micro {args.micro_batch_size}, global {args.global_batch_size}, "
-        f"{args.total_seq_length} tokens per sample, {mode}, pad multiple {pad_multiple(args)}",
-        f"  decoder: {text.num_hidden_layers} layers "
-        f"({text.layer_types.count('linear_attention')} Gated DeltaNet, "
-        f"{text.layer_types.count('full_attention')} attention), hidden {text.hidden_size}, "
-        + (
-            f"MoE {text.num_experts} experts top-{text.num_experts_per_tok}"
-            if text.is_moe
-            else f"dense MLP {text.intermediate_size}"
-        )
-        + f", MTP layers {text.mtp_num_hidden_layers}",
-        f"  vision: {config.vision.depth} layers, hidden {config.vision.hidden_size}",
-        f"  parameters (HF-equivalent): total {counts.total:,} ({human_count(counts.total)}), "
-        f"active {counts.active:,} ({human_count(counts.active)}); vision "
-        f"{human_count(counts.vision)}; MTP +{counts.mtp:,} ({human_count(counts.mtp)})",
-        "  memory per GPU (estimate, GiB):",
-    ]
-    plan = memory_plan(args, counts)
-    lines += [f"    {name:38s} {value:9.2f}" for name, value in plan.items()]
-    lines.append(f"    {'total':38s} {sum(plan.values()):9.2f}")
-    import torch
-
-    device = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else PLANNED_GPU
-    verdict = "fits" if sum(plan.values()) * GIB < device.total_memory else "does NOT fit"
-    lines.append(f"    {verdict} in {device.name} ({device.total_memory / GIB:.0f} GiB)")
-    if skipped:
-        lines.append(f"  not checked without Transformer Engine: {', '.join(skipped)}")
-    lines.append("  megatron arguments and model configs validated on the CPU; exiting (DRY_RUN)")
-    print("\n".join(lines), flush=True)
+    add_megatron_arguments(add_multimodal_args(parser))
+    # argparse's own expansion (private, stable since Python 3.2) finds the strings it rejects.
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.help:
+            continue
+        try:
+            formatter._expand_help(action)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    parser.print_help()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Our checks, then megatron's parsing and validation with the architecture flags of the
-    chosen model placed before the user's (so explicit flags win)."""
-    from megatron.training.arguments import parse_and_validate_args
-
+    chosen model placed before the user's (so explicit flags win). In a dry run megatron's
+    output (and the libraries' warnings) goes to `args.dry_run_log` and no TensorBoard writer
+    is opened."""
     early = preparse(argv)
-    check_early(early)
-    sys.argv = [sys.argv[0], *architecture_argv(early), *argv]
-    with planning_device(early.dry_run):
+    user_argv = list(argv)
+    with contextlib.ExitStack() as stack:
+        log_path = None
+        if early.dry_run:
+            log_path = dry_run_log_path(argv)
+            stack.enter_context(output_to(log_path, mode="w"))
+            stack.enter_context(megatron_errors(log_path))
+            # megatron opens its TensorBoard writer while parsing whenever --tensorboard-dir is
+            # set; an empty value (the last occurrence of a flag wins) keeps it closed.
+            user_argv += ["--tensorboard-dir", ""]
+        stack.enter_context(planning_device(early.dry_run))
+        from megatron.training.arguments import parse_and_validate_args
+
+        check_early(early)
+        sys.argv = [sys.argv[0], *architecture_argv(early), *user_argv]
         args = parse_and_validate_args(extra_args_provider=add_multimodal_args)
-    validate_multimodal_args(args)
+        validate_multimodal_args(args)
     args.__class__ = SavedArgs
+    if log_path:
+        args.dry_run_log = log_path
     return args
 
 
 @contextlib.contextmanager
-def planning_device(dry_run: bool):
-    """For a CPU dry run, answer megatron's device queries during argument validation (compute
-    capability gates grouped GEMM and CUDA_DEVICE_MAX_CONNECTIONS checks) as the planned GPU
-    would; a real run, or a dry run on a GPU, asks the real device."""
-    import torch
-
-    if not dry_run or torch.cuda.is_available():
-        yield
-        return
-    real = torch.cuda.get_device_capability, torch.cuda.get_device_properties
-    torch.cuda.get_device_capability = lambda device=None: (PLANNED_GPU.major, PLANNED_GPU.minor)
-    torch.cuda.get_device_properties = lambda device=None: PLANNED_GPU
+def megatron_errors(log_path: str) -> Iterator[None]:
+    """While megatron's output goes to `log_path`: its argparse exit (the usage, then the error
+    line) and its validation asserts become a ValueError with that line, naming the log."""
     try:
         yield
-    finally:
-        torch.cuda.get_device_capability, torch.cuda.get_device_properties = real
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log_path) as log:
+            lines = [line.strip() for line in log if "error:" in line]
+        reason = lines[-1] if lines else f"megatron's argument parser exited with {exit_.code}"
+        raise ValueError(f"{reason} (megatron's output: {log_path})") from None
+    except AssertionError as error:
+        raise ValueError(
+            f"megatron refused the arguments: {error} (megatron's output: {log_path})"
+        ) from None
 
 
 def main() -> None:
-    args = parse_args(sys.argv[1:])
-    if args.dry_run:
-        print_dry_run_plan(args)
+    argv = sys.argv[1:]
+    if wants_help(argv):
+        print_help()
         return
+    try:
+        if not preparse(argv).dry_run:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(NO_GPU)
+        args = parse_args(argv)
+        if args.dry_run:
+            reason = print_dry_run_plan(args, resolved_model_config(args), args.dry_run_log)
+            if reason:
+                sys.exit(f"error: {reason}")
+            return
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    except AssertionError as error:
+        # megatron validates its arguments with asserts; their message names the flag.
+        sys.exit(f"error: megatron refused the arguments: {error or 'an assertion failed'}")
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
     from megatron.training.argument_utils import pretrain_cfg_container_from_args

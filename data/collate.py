@@ -17,6 +17,8 @@ from models.qwen35_vl.configuration import VisionConfig
 from models.qwen35_vl.mrope import build_mrope_position_ids
 from models.qwen35_vl.vision_inputs import VisionInputs
 
+from .load_report import LoadNotes
+
 BSHD = "bshd"
 THD = "thd"
 
@@ -78,7 +80,9 @@ def pack_or_pad_batch(samples: Sequence[dict[str, Any]], config: CollateConfig) 
     `loss_mask` (float), `padding_mask` (True on padding), `vision_rows` (row of each image
     token in the micro-batch's vision features, -1 elsewhere), `position_ids` [B, S, 3] (MRoPE
     t/h/w; every packed sequence restarts at 0); THD adds `cu_seqlens`, `cu_seqlens_padded`
-    (int32) and `max_seqlen`; `vision` holds a `VisionInputs` (or None without images).
+    (int32) and `max_seqlen`; `vision` holds a `VisionInputs` (or None without images). The
+    `load_notes` of the samples (`LoadNotes`), when any has some, travel on merged under the
+    same key, for the loader to count in the main process.
     """
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
@@ -116,6 +120,9 @@ def pack_or_pad_batch(samples: Sequence[dict[str, Any]], config: CollateConfig) 
     if grids:
         grid_thw = torch.cat(grids).long()
         batch["vision"] = VisionInputs.from_grids(torch.cat(pixel_values), grid_thw, config.vision)
+    notes = LoadNotes.merge(sample["load_notes"] for sample in samples if "load_notes" in sample)
+    if notes:
+        batch["load_notes"] = notes
     return batch
 
 

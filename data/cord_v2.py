@@ -1,6 +1,7 @@
 """CORD-V2 receipts (Hub dataset naver-clova-ix/cord-v2, parquet shards) as SFT samples: the user
 turn is the receipt image plus an instruction, the assistant turn its `gt_parse` as JSON, rendered
-with the chat template of --hf-tokenizer-path; only the assistant answers are supervised.
+with the chat template of --hf-tokenizer-path; the assistant answers, each with its closing
+<|im_end|>, are supervised. Images are decoded upright (EXIF orientation applied).
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from qwen_vl_utils import process_vision_info, smart_resize
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .load_report import LoadNotes
 from .loader import DatasetSplits
 
 logger = logging.getLogger(__name__)
@@ -79,10 +82,26 @@ def pad_token_id(tokenizer: Any) -> int:
     )
 
 
-def ignored_label_ids(tokenizer: Any) -> frozenset[int]:
-    """Label ids never trained: every special token, the pad id and the image placeholder."""
+def ignored_label_ids(tokenizer: Any, mask_im_end: bool = False) -> frozenset[int]:
+    """Label ids never trained: every special token, the pad id and the image placeholder, but
+    <|im_end|> unless `mask_im_end`: closing an assistant answer, it is how a fine-tuned model
+    learns to stop (padding is kept out of the loss by the loss mask, whatever its id)."""
     special = {int(i) for i in tokenizer.all_special_ids}
-    return frozenset(special | {pad_token_id(tokenizer), image_token_id(tokenizer)})
+    ignored = special | {pad_token_id(tokenizer), image_token_id(tokenizer)}
+    end = token_id(tokenizer, TURN_END)
+    if not mask_im_end and end is not None:
+        ignored.discard(end)
+    return frozenset(ignored)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An image's bytes decoded in full and turned upright as its EXIF orientation tag says
+    (a photo stored sideways with the tag is shown, and trained, upright; HF datasets does the
+    same). Raises what PIL raises on unreadable bytes (see _DECODE_ERRORS)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def load_tokenizer_and_image_processor(path: str) -> tuple[Any, Any]:
@@ -275,10 +294,10 @@ class CordV2Dataset(Dataset):
     """CORD-V2 rows read lazily from parquet shards (one row group cached per process).
 
     Each sample: `input_ids` [L], `supervised` [L] bool, `pixel_values` bf16 [patches, C*T*P*P]
-    and `image_grid_thw` [1, 3]. Samples over `seq_length` are end-truncated and counted
-    (`truncated_samples`); with `skip_bad_samples` an unreadable row yields the next readable one
-    and is counted (`skipped_samples`). `report()` logs both; it runs by itself every
-    `report_every` loaded samples (default: the dataset length, i.e. once per epoch).
+    and `image_grid_thw` [1, 3]. Samples over `seq_length` are end-truncated; with
+    `skip_bad_samples` an unreadable row yields the next readable one. Both are noted in the
+    sample's `load_notes` (`LoadNotes`), which the loader counts in the main process. The scan at
+    construction decodes every image, so unreadable rows are found before training starts.
     """
 
     def __init__(
@@ -293,7 +312,6 @@ class CordV2Dataset(Dataset):
         skip_bad_samples: bool = False,
         name: str = "train",
         instruction: str = INSTRUCTION,
-        report_every: int | None = None,
         scan: bool = True,
     ) -> None:
         if not shards:
@@ -311,18 +329,20 @@ class CordV2Dataset(Dataset):
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.rows = self._index_rows()
-        self.report_every = report_every or len(self.rows)
-        self.truncated_samples = 0
-        self.skipped_samples = 0
-        self.loaded_samples = 0
-        self.bad_rows: dict[int, str] = {}  # index -> reason, found by the scan or when loaded
+        # index -> reason, found by the scan or when loaded (in this process)
+        self.bad_rows: dict[int, str] = {}
         # Set by the scan: one epoch's tokens and supervised tokens (after truncation).
         self.epoch_tokens: int | None = None
         self.epoch_supervised_tokens: int | None = None
         self.long_rows: int | None = None
+        self.scan_seconds: float | None = None
         self._reset_handles()
         if scan:
             self._scan()
+
+    @property
+    def label(self) -> str:
+        return f"cord_v2 {self.name}"
 
     # ---- parquet access ---------------------------------------------------------------------
 
@@ -373,10 +393,14 @@ class CordV2Dataset(Dataset):
 
     # ---- one row ----------------------------------------------------------------------------
 
+    @staticmethod
+    def where(ref: RowRef) -> str:
+        return f"{ref.shard} row {ref.file_row}"
+
     def _bad(self, ref: RowRef, reason: str) -> BadSampleError:
         return BadSampleError(
-            f"cord_v2 {self.name}: {ref.shard} row {ref.file_row}: {reason}; repair or drop the "
-            "row, or pass --skip-bad-samples to skip such rows",
+            f"cord_v2 {self.name}: {self.where(ref)}: {reason}; repair or drop the row, or pass "
+            "--skip-bad-samples to skip such rows",
             reason,
         )
 
@@ -418,28 +442,9 @@ class CordV2Dataset(Dataset):
             f"{self.seq_length}; raise --total-seq-length or lower --max-pixels"
         )
 
-    def _truncate(self, ref: RowRef, ids: Tensor, supervised: Tensor) -> tuple[Tensor, Tensor]:
-        if ids.numel() <= self.seq_length:
-            return ids, supervised
-        answer_start = int(supervised.int().argmax())
-        if answer_start >= self.seq_length:
-            raise self._prompt_too_long(ref, answer_start)
-        self.truncated_samples += 1
-        if self.truncated_samples == 1:
-            logger.warning(
-                "cord_v2 %s: %s row %d has %d tokens; end-truncated to --total-seq-length %d "
-                "(further truncations are counted and reported every %d samples)",
-                self.name,
-                ref.shard,
-                ref.file_row,
-                ids.numel(),
-                self.seq_length,
-                self.report_every,
-            )
-        return ids[: self.seq_length], supervised[: self.seq_length]
-
-    def load(self, index: int) -> dict[str, Tensor]:
-        """Sample `index`; BadSampleError (a ValueError) when its row is unreadable."""
+    def load(self, index: int) -> dict[str, Any]:
+        """Sample `index`, with `load_notes` when it was end-truncated; BadSampleError (a
+        ValueError) when its row is unreadable."""
         ref = self.rows[index]
         if index in self.bad_rows:
             raise self._bad(ref, self.bad_rows[index])
@@ -447,9 +452,7 @@ class CordV2Dataset(Dataset):
         answer = self._answer(ref, ground_truth)
         data = self._image_bytes(ref, image_struct)
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-            messages = self.messages(image, answer)
+            messages = self.messages(decode_image(data), answer)
             images, _ = process_vision_info(messages, image_patch_size=self.patch_size)
         except _DECODE_ERRORS as error:
             raise self._bad(ref, f"image cannot be decoded or resized ({error})") from error
@@ -458,71 +461,55 @@ class CordV2Dataset(Dataset):
         grid = torch.as_tensor(processed["image_grid_thw"], dtype=torch.long)
         image_tokens = (grid.prod(-1) // self.merge_size**2).tolist()
         ids, supervised = self.encoder.encode(messages, image_tokens)
-        ids, supervised = self._truncate(ref, ids, supervised)
-        return {
-            "input_ids": ids,
-            "supervised": supervised,
+        sample: dict[str, Any] = {
+            "input_ids": ids[: self.seq_length],
+            "supervised": supervised[: self.seq_length],
             "pixel_values": torch.as_tensor(processed["pixel_values"]).to(torch.bfloat16),
             "image_grid_thw": grid,
         }
+        if ids.numel() > self.seq_length:
+            answer_start = int(supervised.int().argmax())
+            if answer_start >= self.seq_length:
+                raise self._prompt_too_long(ref, answer_start)
+            truncated = ((self.where(ref), ids.numel(), self.seq_length),)
+            sample["load_notes"] = LoadNotes(truncated=truncated)
+        return sample
 
     # ---- Dataset ----------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.rows):
             raise IndexError(f"cord_v2 {self.name}: index {index} out of range [0, {len(self)})")
-        try:
-            for offset in range(len(self.rows)):
-                try:
-                    return self.load((index + offset) % len(self.rows))
-                except BadSampleError as error:
-                    if not self.skip_bad_samples:
-                        raise
-                    self.skipped_samples += 1
-                    self.bad_rows.setdefault((index + offset) % len(self.rows), error.reason)
-            raise ValueError(f"cord_v2 {self.name}: no readable row in {self.shards}")
-        finally:
-            self.loaded_samples += 1
-            if self.loaded_samples % self.report_every == 0:
-                self.report()
-
-    def report(self) -> dict[str, int]:
-        """Log (warning) how many samples were truncated and skipped so far; returns the counts."""
-        counts = {
-            "loaded": self.loaded_samples,
-            "truncated": self.truncated_samples,
-            "skipped": self.skipped_samples,
-        }
-        if self.truncated_samples:
-            logger.warning(
-                "cord_v2 %s: %d of %d samples loaded so far were end-truncated to "
-                "--total-seq-length %d",
-                self.name,
-                self.truncated_samples,
-                self.loaded_samples,
-                self.seq_length,
-            )
-        if self.skipped_samples:
-            logger.warning(
-                "cord_v2 %s: %d unreadable rows were skipped so far (%d samples loaded)",
-                self.name,
-                self.skipped_samples,
-                self.loaded_samples,
-            )
-        return counts
+        skipped: list[tuple[str, str]] = []
+        for offset in range(len(self.rows)):
+            row = (index + offset) % len(self.rows)
+            try:
+                sample = self.load(row)
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.bad_rows.setdefault(row, error.reason)
+                skipped.append((self.where(self.rows[row]), error.reason))
+                continue
+            if skipped:
+                truncated = [sample["load_notes"]] if "load_notes" in sample else []
+                notes = LoadNotes(skipped=tuple(skipped))
+                sample["load_notes"] = LoadNotes.merge([notes, *truncated])
+            return sample
+        raise ValueError(f"cord_v2 {self.name}: no readable row in {self.shards}")
 
     # ---- epoch statistics -------------------------------------------------------------------
 
     def _scan_row(self, ref: RowRef, image: dict[str, Any] | None, truth: Any) -> Tensor:
         """Supervised flags of one row (so its length too), from its ground truth and its
-        image's size as the header gives it; BadSampleError when either is unreadable."""
+        decoded image's size; BadSampleError when either is unreadable."""
         answer = self._answer(ref, truth)
         data = self._image_bytes(ref, image)
         try:
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = decode_image(data).size
             image_tokens = self.image_tokens(width, height)
         except _DECODE_ERRORS as error:
             raise self._bad(ref, f"image cannot be decoded or resized ({error})") from error
@@ -532,9 +519,11 @@ class CordV2Dataset(Dataset):
         return supervised
 
     def _scan(self) -> None:
-        """Token count and supervised fraction of one epoch, exact but without decoding or
-        preprocessing images (token counts from the image headers' sizes); unreadable rows
-        raise here already, or with skip_bad_samples are recorded in `bad_rows`."""
+        """Token count and supervised fraction of one epoch, exact without preprocessing images
+        (token counts from the decoded sizes). Every image is decoded in full, so that a
+        truncated or corrupt one raises here already (or with skip_bad_samples is recorded in
+        `bad_rows`) rather than stopping training later; the time this takes is logged."""
+        started = time.perf_counter()
         lengths: dict[int, tuple[int, int]] = {}  # index -> (tokens, supervised), truncated
         long_rows = 0
         index = 0
@@ -567,17 +556,19 @@ class CordV2Dataset(Dataset):
         self.epoch_tokens = tokens
         self.epoch_supervised_tokens = supervised_tokens
         self.long_rows = long_rows
+        self.scan_seconds = time.perf_counter() - started
         message = (
             f"cord_v2 {self.name}: {len(self)} samples from {len(self.shards)} shard(s) in "
-            f"{os.path.dirname(self.shards[0])}; one epoch = {tokens:,} tokens, "
+            f"{os.path.dirname(self.shards[0])}, every image decoded in "
+            f"{self.scan_seconds:.1f} s; one epoch = {tokens:,} tokens, "
             f"{supervised_tokens / tokens:.1%} supervised (assistant answers); {long_rows} of "
             f"the samples exceed --total-seq-length {self.seq_length} and will be end-truncated"
         )
         if self.bad_rows:
             first = self.rows[min(self.bad_rows)]
             message += (
-                f"; {len(self.bad_rows)} unreadable rows will be skipped (first: {first.shard} "
-                f"row {first.file_row}: {self.bad_rows[min(self.bad_rows)]})"
+                f"; {len(self.bad_rows)} unreadable rows will be skipped (first: "
+                f"{self.where(first)}: {self.bad_rows[min(self.bad_rows)]})"
             )
         log_rank0(message)
 
@@ -626,11 +617,12 @@ def build_datasets(
 ) -> DatasetSplits:
     """Dataset provider `cord_v2`: train / valid / test from the shards under --dataset-path,
     tokenized with --hf-tokenizer-path. The splits keep their own sizes (`num_samples` is not
-    used: the loader cycles a finite dataset)."""
+    used: the loader cycles a finite dataset). --mask-im-end keeps the <|im_end|> closing each
+    answer out of the loss."""
     path = args.hf_tokenizer_path
     tokenizer, image_processor = load_tokenizer_and_image_processor(path)
     pad_id = pad_token_id(tokenizer)
-    ignored = ignored_label_ids(tokenizer)
+    ignored = ignored_label_ids(tokenizer, bool(getattr(args, "mask_im_end", False)))
     if config is not None:
         check_model_match(config, tokenizer, image_processor, path)
     seq_length = getattr(args, "total_seq_length", None) or getattr(args, "seq_length", None)

@@ -1,5 +1,6 @@
 """Data loaders for `--dataloader-type external`: megatron's random sampler (data-parallel sharding,
-resume from `consumed_samples`, a reshuffle every epoch) feeding our collate, cycled over epochs.
+resume from `consumed_samples`, a reshuffle every epoch) feeding our collate, cycled over epochs;
+the samples' load notes (truncations, skipped rows) are counted and logged in the main process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from megatron.training.datasets.data_samplers import MegatronPretrainingRandomSa
 from torch.utils.data import DataLoader, Dataset
 
 from .collate import CollateConfig, pack_or_pad_batch
+from .load_report import LoadReport
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,15 @@ def cycle_epochs(loader: DataLoader) -> Iterator[dict[str, Any]]:
     return itertools.chain.from_iterable(itertools.repeat(loader))
 
 
+def reported(
+    batches: Iterator[dict[str, Any]], micro_batch_size: int, report: LoadReport
+) -> Iterator[dict[str, Any]]:
+    """`batches` with their load notes taken off and counted in `report`."""
+    for batch in batches:
+        report.add(micro_batch_size, batch.pop("load_notes", None))
+        yield batch
+
+
 def build_loader(
     dataset: Dataset,
     collate: CollateConfig,
@@ -41,8 +52,11 @@ def build_loader(
     data_parallel_rank: int,
     data_parallel_size: int,
     num_workers: int,
+    report: LoadReport | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """An endless iterator of collated micro-batches for this data-parallel rank."""
+    """An endless iterator of collated micro-batches for this data-parallel rank. `report`
+    counts the samples' load notes (default: one named after the dataset's `label`, reporting
+    once per epoch of this rank)."""
     if len(dataset) < micro_batch_size * data_parallel_size:
         raise ValueError(
             f"dataset has {len(dataset)} samples, fewer than one global step of micro-batch "
@@ -67,4 +81,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-    return cycle_epochs(loader)
+    if report is None:
+        label = getattr(dataset, "label", type(dataset).__name__)
+        report = LoadReport(label, every=len(dataset) // data_parallel_size)
+    return reported(cycle_epochs(loader), micro_batch_size, report)

@@ -125,6 +125,10 @@ ITEMS = (
 # (width, height) of the generated receipts: tall, wide and squarish, so dynamic resolution shows.
 TRAIN_SIZES = ((200, 600), (640, 180), (320, 480), (480, 320), (256, 256), (180, 540), (600, 200))
 EVAL_SIZES = ((240, 480), (560, 200), (300, 300))
+# This train row's JPEG holds its (tall) receipt turned on its side, with the EXIF orientation
+# tag 6 ("rotate 90 degrees clockwise to display"), as phone photos often are.
+SIDEWAYS_ROW = 5
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ class FixtureRow:
 
     kind: str
     gt_parse: dict[str, Any] | None
-    size: tuple[int, int] | None  # (width, height)
+    size: tuple[int, int] | None  # (width, height), upright
+    sideways: bool = False  # stored turned, with an EXIF orientation tag
 
 
 @dataclass
@@ -215,9 +220,16 @@ def receipt_image(rng: np.random.Generator, width: int, height: int) -> Image.Im
     return image
 
 
-def encode_image(image: Image.Image, fmt: str) -> bytes:
+def encode_image(image: Image.Image, fmt: str, sideways: bool = False) -> bytes:
+    """The image's file bytes; `sideways` stores it turned 90 degrees counter-clockwise with
+    EXIF orientation 6, so that a viewer (or the provider) turns it back upright."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    if sideways:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = 6
+        image.transpose(Image.Transpose.ROTATE_90).save(buffer, format=fmt, exif=exif.tobytes())
+    else:
+        image.save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -273,10 +285,11 @@ def split_rows(
     for index, (width, height) in enumerate(sizes):
         parse = receipt_parse(rng, num_items=1 if index == 4 else int(rng.integers(2, 5)))
         fmt = "PNG" if index % 2 == 0 else "JPEG"
-        data = encode_image(receipt_image(rng, width, height), fmt)
+        sideways = split == "train" and index == SIDEWAYS_ROW
+        data = encode_image(receipt_image(rng, width, height), fmt, sideways)
         record = {"image": {"bytes": data, "path": f"{split}_{index}.{fmt.lower()}"}}
         record["ground_truth"] = ground_truth(parse)
-        rows.append((FixtureRow("ok", parse, (width, height)), record))
+        rows.append((FixtureRow("ok", parse, (width, height), sideways), record))
     if split != "train":
         return rows
     if long_row:
@@ -323,10 +336,11 @@ def write_fixture(
 ) -> CordFixture:
     """Write DIR/tokenizer (tokenizer + image processor) and DIR/data/{split}-*.parquet.
 
-    Train has 7 good rows, then the over-long row (`long_row`); `bad_rows` inserts, at train rows
-    2, 5, 6 and 8, random image bytes, a ground truth that is not JSON, one without gt_parse and
-    a truncated PNG. `train_shards` spreads the
-    train rows over that many shards (row groups of 3 rows everywhere)."""
+    Train has 7 good rows (row SIDEWAYS_ROW stored sideways with an EXIF orientation tag), then
+    the over-long row (`long_row`); `bad_rows` inserts, at train rows 2, 5, 6 and 8, random
+    image bytes, a ground truth that is not JSON, one without gt_parse and a truncated PNG.
+    `train_shards` spreads the train rows over that many shards (row groups of 3 rows
+    everywhere)."""
     root = Path(out)
     fixture = CordFixture(root=root, tokenizer_dir=root / "tokenizer")
     fixture.tokenizer_dir.mkdir(parents=True, exist_ok=True)

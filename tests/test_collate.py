@@ -1,6 +1,7 @@
 """Batch collation (`data.collate.pack_or_pad_batch`): BSHD padding and THD packing, shifted
-labels and loss mask, padding mask, cu_seqlens, vision-feature rows, vision inputs and the errors
-for over-long samples and bad sequence lengths.
+labels and loss mask (the answer's closing im_end trained unless masked), padding mask,
+cu_seqlens, vision-feature rows, vision inputs, the samples' load notes and the errors for
+over-long samples and bad sequence lengths.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from data.collate import BSHD, THD, CollateConfig, pack_or_pad_batch, shifted_labels_and_mask
+from data.load_report import LoadNotes
 from data.mock import MockTokens, MockVLMDataset
 from models.qwen35_vl.configuration import get_variant
 from models.qwen35_vl.vision_inputs import VisionInputs
@@ -16,11 +18,13 @@ from models.qwen35_vl.vision_inputs import VisionInputs
 CONFIG = get_variant("proxy")
 TOKENS = MockTokens.for_model(CONFIG)
 IMAGE = CONFIG.image_token_id
-IGNORED = frozenset(TOKENS.special_ids())
+IGNORED = TOKENS.ignored_label_ids()  # the mock provider's default: im_end trained
 PATCH_ROW = 1536
 
 
-def collate_config(mode: str, seq_length: int = 64, pad_multiple: int = 1) -> CollateConfig:
+def collate_config(
+    mode: str, seq_length: int = 64, pad_multiple: int = 1, ignored: frozenset[int] = IGNORED
+) -> CollateConfig:
     return CollateConfig(
         mode=mode,
         seq_length=seq_length,
@@ -28,7 +32,7 @@ def collate_config(mode: str, seq_length: int = 64, pad_multiple: int = 1) -> Co
         image_token_id=IMAGE,
         vision=CONFIG.vision,
         pad_multiple=pad_multiple,
-        ignored_label_ids=IGNORED,
+        ignored_label_ids=ignored,
     )
 
 
@@ -98,22 +102,27 @@ def test_labels_are_next_tokens(samples, mode):
 
 
 @pytest.mark.parametrize("mode", [BSHD, THD])
-def test_loss_mask(samples, mode):
-    batch = pack_or_pad_batch(samples, collate_config(mode, seq_length=64, pad_multiple=4))
+@pytest.mark.parametrize("mask_im_end", [False, True])
+def test_loss_mask(samples, mode, mask_im_end):
+    ignored_ids = TOKENS.ignored_label_ids(mask_im_end)
+    config = collate_config(mode, seq_length=64, pad_multiple=4, ignored=ignored_ids)
+    batch = pack_or_pad_batch(samples, config)
     loss_mask, labels = batch["loss_mask"], batch["labels"]
     assert (loss_mask[batch["padding_mask"]] == 0).all()
-    ignored = torch.isin(labels, torch.tensor(sorted(IGNORED)))
+    ignored = torch.isin(labels, torch.tensor(sorted(ignored_ids)))
     assert (loss_mask[ignored] == 0).all()
     for (row, start, length), sample in zip(real_rows(batch, samples, mode), samples, strict=True):
         mask = loss_mask[row, start : start + length]
         assert mask[-1] == 0  # the last real token has no next token
         expected = sample["supervised"][1:] & ~torch.isin(
-            sample["input_ids"][1:], torch.tensor(sorted(IGNORED))
+            sample["input_ids"][1:], torch.tensor(sorted(ignored_ids))
         )
         assert torch.equal(mask[:-1].bool(), expected)
-        # Supervised answer tokens are trained, the closing im_end (ignored id) is not.
+        # Every supervised answer token is trained, the closing im_end too (the model learns to
+        # stop) unless masked; the user turn's im_end is never supervised.
         answer = int(sample["supervised"].sum())
-        assert int(mask.sum()) == answer - 1
+        assert int(mask.sum()) == answer - mask_im_end
+        assert bool(mask[length - 2]) != mask_im_end  # the label there is the closing im_end
 
 
 def test_loss_mask_without_ignored_ids_keeps_supervised_specials():
@@ -219,7 +228,7 @@ def test_mock_samples_collate():
     )
     samples = [dataset[i] for i in range(4)]
     batch = pack_or_pad_batch(samples, collate_config(THD, seq_length=1024, pad_multiple=8))
-    assert int(batch["loss_mask"].sum()) == sum(int(s["supervised"].sum()) - 1 for s in samples)
+    assert int(batch["loss_mask"].sum()) == sum(int(s["supervised"].sum()) for s in samples)
     image_tokens = sum(int(s["image_grid_thw"].prod(-1).sum()) // 4 for s in samples)
     assert int(batch["vision_rows"].max()) == image_tokens - 1
     assert batch["vision"].pixel_values.dtype == torch.bfloat16
@@ -252,3 +261,13 @@ def test_bad_mode_and_empty_batch_raise():
         collate_config("sbhd")
     with pytest.raises(ValueError, match="empty micro-batch"):
         pack_or_pad_batch([], collate_config(BSHD))
+
+
+def test_load_notes_of_the_samples_are_merged_into_the_batch(samples):
+    assert "load_notes" not in pack_or_pad_batch(samples, collate_config(BSHD))
+    samples[0]["load_notes"] = LoadNotes(truncated=(("a row 1", 90, 64),))
+    samples[2]["load_notes"] = LoadNotes(skipped=(("a row 7", "bad image"), ("a row 8", "no JSON")))
+    for mode in (BSHD, THD):
+        notes = pack_or_pad_batch(samples, collate_config(mode, pad_multiple=4))["load_notes"]
+        assert notes.truncated == (("a row 1", 90, 64),)
+        assert notes.skipped == (("a row 7", "bad image"), ("a row 8", "no JSON"))

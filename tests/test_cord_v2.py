@@ -1,17 +1,22 @@
 """CPU tests of the cord_v2 provider on the offline fixture of tests/cord_fixture.py: exact answer
-spans, labels and loss masks through the collate (BSHD and THD), truncation, bad rows, dynamic
-image resolution and the provider's DatasetSplits.
+spans, labels and loss masks through the collate (BSHD and THD; the closing <|im_end|> trained
+unless --mask-im-end), truncation and bad rows counted in the main process across loader workers,
+the scan decoding every image, EXIF orientation, dynamic image resolution and the provider's
+DatasetSplits.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from qwen_vl_utils import smart_resize
 from transformers import AutoTokenizer, Qwen2Tokenizer
 
@@ -20,15 +25,26 @@ from data.cord_v2 import (
     AssistantSpans,
     CordV2Dataset,
     build_datasets,
+    decode_image,
     find_shards,
+    ignored_label_ids,
     image_token_id,
     load_tokenizer_and_image_processor,
     pad_token_id,
 )
+from data.load_report import LoadReport
 from data.loader import build_loader
 from data.tokens import special_token_ids
 from models.qwen35_vl.configuration import VisionConfig, get_variant
-from tests.cord_fixture import SPECIAL_TOKENS, byte_symbols, write_fixture
+from tests.cord_fixture import (
+    EXIF_ORIENTATION,
+    SIDEWAYS_ROW,
+    SPECIAL_TOKENS,
+    byte_symbols,
+    encode_image,
+    receipt_image,
+    write_fixture,
+)
 
 SEQ = 512
 MIN_PIXELS = 4 * 32 * 32
@@ -69,17 +85,26 @@ def samples(train):
     return [train.load(i) for i in range(len(train))]
 
 
-def collate_config(tokenizer, mode):
-    image_id = image_token_id(tokenizer)
-    ignored = frozenset(tokenizer.all_special_ids) | {pad_token_id(tokenizer), image_id}
+def collate_config(tokenizer, mode, mask_im_end=False):
     return CollateConfig(
         mode=mode,
         seq_length=SEQ,
         pad_token_id=pad_token_id(tokenizer),
-        image_token_id=image_id,
+        image_token_id=image_token_id(tokenizer),
         vision=VisionConfig(),
-        ignored_label_ids=ignored,
+        ignored_label_ids=ignored_label_ids(tokenizer, mask_im_end),
     )
+
+
+def one_epoch_through_workers(dataset, epochs=1, num_workers=2):
+    """Load `epochs` epochs through build_loader with worker processes; the LoadReport that
+    counted them in this (the main) process."""
+    report = LoadReport(dataset.label, every=len(dataset))
+    config = collate_config(dataset.tokenizer, THD)
+    loader = build_loader(dataset, config, 0, 1, 0, 1, num_workers=num_workers, report=report)
+    for _ in range(epochs * len(dataset)):
+        assert "load_notes" not in next(loader)  # counted and taken off in the main process
+    return report
 
 
 def answer_span(sample):
@@ -107,9 +132,10 @@ def test_supervised_span_is_exactly_the_answer(clean, train, samples):
     assert not any("\\u00" in a for a in answers)
 
 
-def test_labels_and_loss_mask_through_collate_bshd(train, samples):
+@pytest.mark.parametrize("mask_im_end", [False, True])
+def test_labels_and_loss_mask_through_collate_bshd(train, samples, mask_im_end):
     tokenizer = train.tokenizer
-    config = collate_config(tokenizer, BSHD)
+    config = collate_config(tokenizer, BSHD, mask_im_end)
     sample = samples[0]
     ids, length = sample["input_ids"], sample["input_ids"].numel()
     batch = pack_or_pad_batch([sample], config)
@@ -119,13 +145,15 @@ def test_labels_and_loss_mask_through_collate_bshd(train, samples):
     pad = torch.full((SEQ - length,), config.pad_token_id)
     assert torch.equal(batch["input_ids"][0, length:], pad)
     start, stop = answer_span(sample)
-    # Position p predicts ids[p + 1]: the answer's tokens are predicted from p = start - 1 on.
-    # The closing <|im_end|> label (p = stop - 2) is masked too: it is a special token, and the
-    # provider's ignored_label_ids hold every special id (see the report on this).
+    # Position p predicts ids[p + 1]: the answer's tokens are predicted from p = start - 1 on,
+    # up to the closing <|im_end|> (label at p = stop - 2), trained so that the model learns to
+    # stop; --mask-im-end keeps it out of the loss like every other special token.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert int(labels[stop - 2]) == im_end
     expected = torch.zeros(SEQ)
-    expected[start - 1 : stop - 2] = 1.0
+    expected[start - 1 : stop - 2 if mask_im_end else stop - 1] = 1.0
     assert torch.equal(loss_mask, expected)
-    assert int(labels[stop - 2]) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (im_end in config.ignored_label_ids) == mask_im_end
     special = torch.tensor(sorted(config.ignored_label_ids))
     assert not loss_mask[torch.isin(labels, special)].any()
     assert not loss_mask[length:].any() and batch["padding_mask"][0, length:].all()
@@ -144,8 +172,8 @@ def test_collate_bshd_and_thd_on_a_batch(train, samples):
 
     bshd = pack_or_pad_batch(batch_samples, config_bshd)
     assert bshd["input_ids"].shape == (4, SEQ) and bshd["position_ids"].shape == (4, SEQ, 3)
-    # Each answer of n tokens gives n - 1 trained targets (its <|im_end|> label is ignored).
-    assert bshd["loss_mask"].sum(1).tolist() == [a - 1 for a in answers]
+    # Each answer of n tokens, its <|im_end|> included, gives n trained targets.
+    assert bshd["loss_mask"].sum(1).tolist() == answers
     assert bshd["vision"].pixel_values.shape[0] == patches
 
     thd = pack_or_pad_batch(batch_samples, config_thd)
@@ -205,32 +233,55 @@ def test_dynamic_resolution_keeps_aspect(clean, train, samples):
     assert th > tw and wh < ww
 
 
+def test_sideways_photo_is_turned_upright(clean, train, samples):
+    row = clean.rows["train"][SIDEWAYS_ROW]
+    assert row.sideways and row.size == (180, 540)
+    # The file holds the receipt on its side (wide), tagged to be shown turned clockwise.
+    data = train._read(train.rows[SIDEWAYS_ROW])[0]["bytes"]
+    stored = Image.open(io.BytesIO(data))
+    assert stored.size == (540, 180) and stored.getexif()[EXIF_ORIENTATION] == 6
+    # The model gets it upright (tall), as HF datasets and any image viewer show it.
+    assert decode_image(data).size == (180, 540)
+    h, w = smart_resize(540, 180, 32, MIN_PIXELS, MAX_PIXELS)
+    assert samples[SIDEWAYS_ROW]["image_grid_thw"].tolist() == [[1, h // 16, w // 16]]
+    assert h > w
+    # Upright pixel for pixel (JPEG-close), not just the right size: the printed lines run across.
+    upright = receipt_image(np.random.default_rng(3), 120, 200)
+    turned = decode_image(encode_image(upright, "JPEG", sideways=True))
+    difference = np.abs(np.asarray(turned, dtype=float) - np.asarray(upright, dtype=float))
+    assert turned.size == upright.size and difference.mean() < 4
+
+
 def test_epoch_statistics_are_exact(train, samples, clean, processors, caplog):
     assert train.epoch_tokens == sum(s["input_ids"].numel() for s in samples)
     assert train.epoch_supervised_tokens == sum(int(s["supervised"].sum()) for s in samples)
     assert train.long_rows == 1
+    assert train.scan_seconds is not None and train.scan_seconds >= 0
     with caplog.at_level(logging.INFO, logger="data.cord_v2"):
         make_dataset(clean, processors, split="validation")
     assert "cord_v2 validation: 3 samples" in caplog.text and "supervised" in caplog.text
+    assert re.search(r"every image decoded in \d+\.\d s", caplog.text)
 
 
-def test_long_sample_is_end_truncated_and_counted(clean, processors, caplog):
+def test_long_sample_is_end_truncated_and_counted_across_workers(clean, processors, caplog):
     dataset = make_dataset(clean, processors)
     roomy = make_dataset(clean, processors, seq_length=4096, scan=False)
     long_index = [row.kind for row in clean.rows["train"]].index("long")
-    with caplog.at_level(logging.WARNING, logger="data.cord_v2"):
-        loaded = [dataset[i] for i in range(len(dataset))]
-    full = roomy.load(long_index)
-    cut = loaded[long_index]
+    full, cut = roomy.load(long_index), dataset[long_index]
     assert full["input_ids"].numel() > SEQ
     assert cut["input_ids"].numel() == cut["supervised"].numel() == SEQ
     assert torch.equal(cut["input_ids"], full["input_ids"][:SEQ])
     assert torch.equal(cut["supervised"], full["supervised"][:SEQ])
-    assert dataset.truncated_samples == 1
-    # One warning at the first truncation, one summary when the epoch's samples are loaded.
-    assert "end-truncated to --total-seq-length 512" in caplog.text
-    assert "1 of 8 samples loaded so far were end-truncated" in caplog.text
-    assert dataset.report() == {"loaded": 8, "truncated": 1, "skipped": 0}
+    where = f"{clean.shards['train'][0]} row {long_index}"
+    assert cut["load_notes"].truncated == ((where, full["input_ids"].numel(), SEQ),)
+    assert "load_notes" not in dataset[0]
+    # Loaded by two worker processes, counted in this one: one warning at the first
+    # truncation, one summary when the epoch's samples are loaded.
+    with caplog.at_level(logging.WARNING, logger="data.load_report"):
+        report = one_epoch_through_workers(dataset)
+    assert report.counts() == {"loaded": 8, "truncated": 1, "skipped": 0}
+    assert f"{where} has {full['input_ids'].numel()} tokens; end-truncated to 512" in caplog.text
+    assert "1 of 8 samples loaded on this rank so far were end-truncated" in caplog.text
 
 
 def test_pad_id_falls_back_to_eos_then_raises(clean):
@@ -264,7 +315,7 @@ def test_tokenizer_without_image_token_is_refused(clean, tmp_path):
 
 def test_unreadable_rows_raise_naming_shard_and_row(bad, processors):
     shard = re.escape(str(bad.shards["train"][0]))
-    # The construction scan reads ground truths and image headers, so it fails first ...
+    # The construction scan reads ground truths and decodes images, so it fails first ...
     with pytest.raises(ValueError, match=rf"{shard} row 2: image cannot be decoded or resized"):
         make_dataset(bad, processors)
     # ... and without it every row fails when loaded.
@@ -279,26 +330,28 @@ def test_unreadable_rows_raise_naming_shard_and_row(bad, processors):
             dataset[row]
 
 
-def test_skip_bad_samples_returns_next_good_row_and_counts(bad, processors, caplog):
+def test_skip_bad_samples_returns_next_good_row_and_counts_rows_once(bad, processors, caplog):
     with caplog.at_level(logging.INFO, logger="data.cord_v2"):
         dataset = make_dataset(bad, processors, skip_bad_samples=True)
-    # The scan sees three of the four bad rows (the cut PNG's header still reads).
-    assert sorted(dataset.bad_rows) == [2, 5, 6]
-    assert "3 unreadable rows will be skipped" in caplog.text
+    # The scan decodes every image, so it finds the cut PNG (whose header reads) too.
+    assert sorted(dataset.bad_rows) == [2, 5, 6, 8]
+    assert "4 unreadable rows will be skipped" in caplog.text
     reference = make_dataset(bad, processors, scan=False)
-    assert torch.equal(dataset[2]["input_ids"], reference.load(3)["input_ids"])
-    assert dataset.skipped_samples == 1
-    assert torch.equal(dataset[5]["input_ids"], reference.load(7)["input_ids"])
-    assert dataset.skipped_samples == 3
-    assert torch.equal(dataset[8]["input_ids"], reference.load(9)["input_ids"])
-    assert dataset.skipped_samples == 4 and 8 in dataset.bad_rows
+    shard = str(bad.shards["train"][0])
+    for index, served, skipped in ((2, 3, [2]), (5, 7, [5, 6]), (8, 9, [8])):
+        sample = dataset[index]
+        assert torch.equal(sample["input_ids"], reference.load(served)["input_ids"])
+        notes = sample["load_notes"]
+        assert [where for where, _ in notes.skipped] == [f"{shard} row {r}" for r in skipped]
+        assert notes.truncated == ()
+    # Two epochs through two workers: 2 x 5 skip events, 4 distinct rows; the long row is
+    # truncated once per epoch.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="data.cord_v2"):
-        for i in range(len(dataset) - 3):  # completes one epoch of loads
-            dataset[i]
-    assert dataset.loaded_samples == len(dataset)
-    assert "unreadable rows were skipped so far" in caplog.text
-    assert dataset.report()["skipped"] == 9
+    with caplog.at_level(logging.WARNING, logger="data.load_report"):
+        report = one_epoch_through_workers(dataset, epochs=2)
+    assert report.counts() == {"loaded": 24, "truncated": 2, "skipped": 4}
+    assert "4 distinct unreadable rows were skipped so far (12 samples loaded" in caplog.text
+    assert f"first: {shard} row " in caplog.text
 
 
 def test_shard_index_spans_several_files(tmp_path, train, processors):
@@ -340,8 +393,11 @@ def test_provider_returns_splits_and_feeds_the_loader(clean):
     splits = build_datasets(args, config, (100, 10, 10))
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (8, 3, 3)
     assert splits.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert set(tokenizer.all_special_ids) <= splits.ignored_label_ids
-    assert len(splits.ignored_label_ids) == len(SPECIAL_TOKENS)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert set(tokenizer.all_special_ids) - {im_end} == splits.ignored_label_ids
+    assert len(splits.ignored_label_ids) == len(SPECIAL_TOKENS) - 1
+    masked = build_datasets(provider_args(clean, mask_im_end=True))
+    assert masked.ignored_label_ids == splits.ignored_label_ids | {im_end}
     assert build_datasets(args).ignored_label_ids == splits.ignored_label_ids
 
     collate = CollateConfig(

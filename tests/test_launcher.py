@@ -5,15 +5,17 @@ message naming the fix. Each dry run is a subprocess of ~5-20 s.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
 import sys
-from types import SimpleNamespace
+import warnings
 
 import pytest
 
-from arguments import validate_multimodal_args
+from arguments import add_multimodal_args, launcher_facts, validate_multimodal_args
 from models import get_model_entry
 from models.qwen35_vl.configuration import get_variant
 
@@ -27,21 +29,22 @@ VARIANTS = get_model_entry("qwen35_vl").variant_names()
 # Every knob the launcher reads (`NAME=${NAME:-default}`), cleared from the inherited
 # environment so each run sees only the knobs its test sets.
 with open(SCRIPT) as script:
-    KNOBS = set(re.findall(r"\b([A-Z_]+)=\$\{\1:-", script.read())) | {"GPUS_PER_NODE"}
+    KNOBS = set(re.findall(r"\b([A-Z_]+)=\$\{\1:-", script.read())) | {"GPUS_PER_NODE", "PLAN_GPU"}
 
 
-def dry_run(tmp_path, **knobs: str) -> subprocess.CompletedProcess:
+def dry_run(tmp_path, *argv: str, **knobs: str) -> subprocess.CompletedProcess:
+    """The launcher in DRY_RUN with only `knobs` set and `argv` after the script name."""
     env = {k: v for k, v in os.environ.items() if k not in KNOBS}
     env.update(
         DRY_RUN="1",
         PYTHON=PYTHON,
         GPUS_PER_NODE="1",
-        TB_DIR=str(tmp_path / "tensorboard"),  # megatron opens a writer even in a dry run
+        TB_DIR=str(tmp_path / "tensorboard"),
         RUN_DIR=str(tmp_path / "run"),
     )
     env.update(knobs)
     return subprocess.run(
-        ["bash", SCRIPT],
+        ["bash", SCRIPT, *argv],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -71,7 +74,15 @@ def test_knobs_found_in_script():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_dry_runs(tmp_path, variant):
-    out = assert_ok(dry_run(tmp_path, MODEL_VARIANT=variant))
+    result = dry_run(tmp_path, MODEL_VARIANT=variant)
+    out = result.stdout
+    assert "exiting (DRY_RUN)" in out and not (tmp_path / "tensorboard").exists()
+    if "    fits in NVIDIA H100" in out:
+        assert result.returncode == 0, result.stderr
+    else:  # one H100 is too small: the plan names the smallest layouts that fit
+        assert result.returncode == 1
+        assert "smallest changes that fit" in out
+        assert result.stderr.startswith("error: the layout needs")
     config = get_variant(variant)
     counts = config.parameter_counts()
     assert f"DRY RUN qwen35_vl / {config.name} " in out
@@ -87,9 +98,8 @@ def test_every_variant_dry_runs(tmp_path, variant):
 
 
 def test_397b_on_128_gpus(tmp_path):
-    out = assert_ok(
-        dry_run(tmp_path, MODEL_VARIANT="397b", EP="64", NNODES="16", GPUS_PER_NODE="8")
-    )
+    layout = dict(MODEL_VARIANT="397b", EP="64", NNODES="16", GPUS_PER_NODE="8")
+    out = assert_ok(dry_run(tmp_path, **layout, FSDP="1", RECOMPUTE="1"))
     assert "world 128 = TP 1 x CP 1 x PP 1 x DP 128; EP 64" in out
     assert "torchrun would start 128 processes (16 node(s) x 8 GPU(s))" in out
     assert "global 128," in out
@@ -158,11 +168,15 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         ({"DATASET": "nope"}, ["unknown dataset provider 'nope'", "cord_v2, mock"]),
         (
             {"SEQ_LEN": "1001", "CP": "2", "GPUS_PER_NODE": "2"},
-            ["seq-length should be a multiple of 2 * context-parallel-size"],
+            ["SEQ_LEN=1001: not a multiple of 4 (2 x CP=2)", "use SEQ_LEN=1000 or 1004"],
         ),
         (
             {"SEQ_LEN": "1001", "TP": "2", "GPUS_PER_NODE": "2"},
-            ["--total-seq-length 1001 must be a multiple of 2"],
+            ["SEQ_LEN=1001: not a multiple of 2 (TP=2 with sequence parallelism)"],
+        ),
+        (
+            {"SEQ_LEN": "1001", "TP": "2", "CP": "2", "GPUS_PER_NODE": "4"},
+            ["not a multiple of 8 (2 x CP=2 x TP=2 with sequence parallelism)", "1000 or 1008"],
         ),
         ({"DETERMINISTIC": "1", "PACKED": "1"}, ["DETERMINISTIC=1 needs BSHD", "PACKED=0"]),
         ({"TIMING_LOG_LEVEL": "3"}, ["TIMING_LOG_LEVEL=3", "use 0, 1 or 2"]),
@@ -173,7 +187,7 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         ),
         (
             {"MODEL_VARIANT": "proxy-moe", "EP": "4", "GPUS_PER_NODE": "2"},
-            ["world size 2 is not divisible by TP x EP x PP", "change EP"],
+            ["EP=4: world size 2 is not divisible by TP x EP x PP", "use an EP"],
         ),
         ({"TRAIN_ITERS": "5"}, ["WARMUP_ITERS=10 must be below TRAIN_ITERS=5"]),
     ],
@@ -186,6 +200,7 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         "bad-dataset",
         "seq-len-cp",
         "seq-len-tp-sp",
+        "seq-len-tp-cp",
         "deterministic-packed",
         "timing-level",
         "min-lr-above-lr",
@@ -198,15 +213,29 @@ def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):
     assert_fails(dry_run(tmp_path, **knobs), *needles)
 
 
-def fake_checkpoint(tmp_path, step: str, torch_dist: bool) -> str:
-    """A save directory with the files the launcher looks at (no tensors)."""
+def fake_checkpoint(
+    tmp_path, step: str, torch_dist: bool, mtp: bool = True, hf_config_of: str | None = None
+) -> str:
+    """A save directory with what the launcher reads: the tracker, a distributed checkpoint of
+    two tiny tensors (one of them MTP's, with `mtp`) under megatron's keys, and with
+    `hf_config_of` the HF config.json of that variant, as `import` keeps it."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
     save = tmp_path / "ckpt"
     directory = save / ("release" if step == "release" else f"iter_{int(step):07d}")
-    directory.mkdir(parents=True)
+    keys = ["language_model.embedding.word_embeddings.weight"]
+    if mtp:
+        keys.append("language_model.mtp.layers.0.eh_proj.weight")
+    state = {key: torch.zeros(2) for key in keys}
+    with warnings.catch_warnings():  # one process saving is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=True)
     (save / "latest_checkpointed_iteration.txt").write_text(step)
-    (directory / ".metadata").write_bytes(b"")
     if torch_dist:
-        (directory / "metadata.json").write_text("{}")
+        (directory / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    if hf_config_of:
+        get_variant(hf_config_of).to_hf_config().to_json_file(str(save / "config.json"))
     return str(save)
 
 
@@ -238,19 +267,62 @@ def test_fine_tune_from_an_import_plans(tmp_path):
     assert "--ckpt-format fsdp_dtensor" in out
 
 
+def test_fine_tune_from_an_import_of_the_same_model_without_mtp(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, "release", torch_dist=True, mtp=False, hf_config_of="proxy")
+    out = assert_ok(dry_run(tmp_path, CKPT_LOAD=ckpt, CKPT_RESUME="0", MTP_NUM_LAYERS="0"))
+    assert "--mtp-num-layers 0" in out
+
+
 def test_cord_v2_without_data_path_names_the_flag(tmp_path):
     assert_fails(dry_run(tmp_path, DATASET="cord_v2"), "cord_v2 dataset needs --dataset-path")
 
 
-def megatron_like_args(**overrides) -> SimpleNamespace:
-    args = dict(
+def test_moe_from_an_hf_config_gets_expert_parallelism_and_the_moe_fusions(tmp_path):
+    # The launcher looks at the model trained (the --hf-config-path after the script name), not
+    # MODEL_VARIANT, for EP and the MoE flags.
+    config_dir = str(tmp_path / "moe_config")
+    get_variant("proxy-moe").to_hf_config().save_pretrained(config_dir)
+    out = assert_ok(dry_run(tmp_path, "--hf-config-path", config_dir, EP="2", GPUS_PER_NODE="2"))
+    assert f"DRY RUN qwen35_vl / {config_dir} (from_hf_config)" in out
+    assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2; EP 2" in out
+    assert "--moe-permute-fusion --moe-router-fusion" in out
+
+
+def test_expert_parallelism_beyond_tensor_and_context_parallel_ranks(tmp_path):
+    # 16 GPUs = TP 2 x CP 2 x DP 4 for dense layers and TP 2 x EP 8 for experts: megatron's
+    # layout accepts it although TP x CP x EP = 32 does not divide 16.
+    out = assert_ok(
+        dry_run(tmp_path, MODEL_VARIANT="proxy-moe", TP="2", CP="2", EP="8", GPUS_PER_NODE="16")
+    )
+    assert "world 16 = TP 2 x CP 2 x PP 1 x DP 4; EP 8" in out
+
+
+def test_launcher_facts_follow_an_hf_config_path(tmp_path):
+    assert launcher_facts(["--model-variant", "9b"]) == {
+        "num_experts": 0,
+        "max_position_embeddings": 262144,
+        "name": "9b",
+    }
+    config_dir = str(tmp_path / "moe_config")
+    get_variant("proxy-moe").to_hf_config().save_pretrained(config_dir)
+    facts = launcher_facts(["--model-variant", "proxy", "--hf-config-path", config_dir])
+    assert facts["num_experts"] == get_variant("proxy-moe").text.num_experts
+
+
+def megatron_like_args(variant: str = "proxy", **overrides) -> argparse.Namespace:
+    """Parsed (not validated) megatron arguments of `variant`, as the launcher builds them."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_multimodal_args(add_megatron_arguments(argparse.ArgumentParser()))
+    args = vars(parser.parse_args(get_variant(variant).megatron_args()))
+    args.update(
         total_seq_length=1001,
         seq_length=1001,
         pipeline_model_parallel_size=1,
         dataloader_type="external",
         calculate_per_token_loss=True,
         model_name="qwen35_vl",
-        model_variant="proxy",
+        model_variant=variant,
         hf_config_path=None,
         mtp_num_layers=None,
         expert_model_parallel_size=1,
@@ -265,7 +337,7 @@ def megatron_like_args(**overrides) -> SimpleNamespace:
         moe_router_load_balancing_type="aux_loss",
     )
     args.update(overrides)
-    return SimpleNamespace(**args)
+    return argparse.Namespace(**args)
 
 
 def test_seq_length_check_names_the_multiple():
@@ -295,3 +367,32 @@ def test_seq_length_message_arithmetic_without_cp():
     message = str(error.value)
     assert "must be a multiple of 2 " in message
     assert "2 x CP 1 x TP 2" not in message
+
+
+@pytest.mark.parametrize(
+    ("variant", "flags", "needles"),
+    [
+        ("proxy", {"hidden_size": 1024}, ["--hidden-size 1024", "has 512", "--hf-config-path"]),
+        ("proxy", {"num_experts": 8}, ["--num-experts 8", "MODEL_VARIANT=proxy"]),
+        ("0.8b", {"untie_embeddings_and_output_weights": True}, ["--untie-embeddings"]),
+        ("proxy-moe", {"moe_aux_loss_coeff": [0.01]}, ["--moe-aux-loss-coeff 0.01", "0.001"]),
+    ],
+    ids=["hidden-size", "experts-on-dense", "untie-a-tied-model", "aux-loss-coefficient"],
+)
+def test_architecture_flags_must_match_the_model(variant, flags, needles):
+    # The model is built from the variant; megatron would plan and count FLOPs with the flag.
+    with pytest.raises(ValueError) as error:
+        validate_multimodal_args(megatron_like_args(variant, **flags))
+    assert all(needle in str(error.value) for needle in needles), str(error.value)
+
+
+def test_architecture_flags_equal_to_the_model_pass():
+    # megatron's validation unwraps one-element lists such as --moe-aux-loss-coeff's.
+    args = megatron_like_args(
+        "proxy-moe",
+        moe_aux_loss_coeff=0.001,
+        hidden_size=512,
+        seq_length=1000,
+        total_seq_length=1000,
+    )
+    validate_multimodal_args(args)

@@ -1,13 +1,17 @@
 """Mock VLM dataset: seeded determinism, image placeholder counts that match the image grids,
-pixel tensor layout, 1-3 images per sample and supervision of the answer span only.
+pixel tensor layout, 1-3 images per sample, supervision of the answer span only, the trained
+closing im_end (--mask-im-end masks it) and the prompt vocabulary behind the ~ln(4096) plateau.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+
 import pytest
 import torch
 
-from data.mock import PALETTE, MockTokens, MockVLMDataset
+from data.mock import PALETTE, MockTokens, MockVLMDataset, build_datasets
 from models.qwen35_vl.configuration import get_variant
 
 CONFIG = get_variant("proxy")
@@ -150,3 +154,33 @@ def test_answer_names_each_image_colour(samples):
             rgb = image.view(image.shape[0], v.in_channels, per_channel).mean(dim=(0, 2))
             rgb = (rgb * 0.5 + 0.5) * 255
             assert torch.allclose(rgb, torch.tensor(PALETTE[colour]).float(), atol=6)
+
+
+@pytest.mark.parametrize("mask_im_end", [False, True])
+def test_provider_trains_the_closing_im_end_unless_masked(mask_im_end):
+    args = argparse.Namespace(
+        micro_batch_size=1,
+        data_parallel_size=1,
+        total_seq_length=SEQ_LENGTH,
+        seed=1,
+        min_pixels=4 * 32 * 32,
+        max_pixels=256 * 32 * 32,
+        mock_max_images=3,
+        mask_im_end=mask_im_end,
+    )
+    tokens = MockTokens.for_model(CONFIG)
+    splits = build_datasets(args, CONFIG, (4, 1, 1))
+    assert (tokens.im_end in splits.ignored_label_ids) == mask_im_end
+    assert splits.ignored_label_ids | {tokens.im_end} == tokens.special_ids()
+    del args.mask_im_end  # arguments without the flag: the default, trained
+    assert tokens.im_end not in build_datasets(args, CONFIG, (4, 1, 1)).ignored_label_ids
+
+
+def test_answer_is_mostly_uniform_prompt_words(samples):
+    # Why the loss plateaus near ln(text_range): nearly every answer token is a prompt word drawn
+    # uniformly from text_range ids, unpredictable until the model learns to copy the prompt.
+    tokens = MockTokens.for_model(CONFIG)
+    answer = torch.cat([s["input_ids"][s["supervised"]] for s in samples])
+    words = (answer >= tokens.text_low) & (answer < tokens.text_low + tokens.text_range)
+    assert float(words.float().mean()) > 0.95
+    assert math.log(tokens.text_range) == pytest.approx(8.318, abs=1e-3)

@@ -1,7 +1,8 @@
 """pretrain_multimodal on CPU with megatron's own parsed arguments: datasets_provider as pretrain()
 calls it (mock provider, our loader and collate, the throughput meter printing tokens/s and model
-TFLOP/s per GPU), and the arguments a checkpoint stores passing megatron's resume-time model check.
-Runs in a subprocess because megatron's argument parsing sets process-wide globals."""
+TFLOP/s per GPU), the arguments a checkpoint stores passing megatron's resume-time model check,
+`--help` (megatron-core 0.19.2 has help strings with a bare `%`) and a real run without a GPU.
+Runs in subprocesses because megatron's argument parsing sets process-wide globals."""
 
 from __future__ import annotations
 
@@ -72,3 +73,25 @@ def test_data_throughput_and_saved_arguments():
     assert "copies keep it True True" in out
     assert "resume check (None, False)" in out
     assert "unfiltered args True" in out  # what megatron would do with the pattern saved
+
+
+def test_help_lists_megatron_flags_and_ours():
+    help_ = [sys.executable, "pretrain_multimodal.py", "--model-variant", "9b", "--help"]
+    result = subprocess.run(help_, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("usage: pretrain_multimodal.py")
+    assert "multimodal playground:" in out and "--dry-run" in out and "--model-variant" in out
+    assert "--tensor-model-parallel-size" in out
+    assert "e.g. 1.10 = 10%" in out  # one of megatron's help strings with a bare %
+
+
+def test_real_run_without_a_gpu_says_so_in_one_line():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = [sys.executable, "pretrain_multimodal.py", "--model-variant", "proxy"]
+    result = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
+    ]
