@@ -450,11 +450,14 @@ def validate_model_configs(args: argparse.Namespace, config: Any) -> list[str]:
 def print_dry_run_plan(args: argparse.Namespace, config: Any, log_path: str) -> str:
     """Validate the model configs (megatron's output to `log_path`) and print the plan; returns
     '' when the layout fits the planned GPU, else a one-line reason to exit with."""
-    from arguments import pad_multiple
+    from arguments import model_config_from_args, pad_multiple
+    from models import get_model_entry
     from models.qwen35_vl.configuration import human_count
 
+    entry = get_model_entry(args.model_name)
     with output_to(log_path):
         skipped = validate_model_configs(args, config)
+        data = entry.describe_dataset(args.dataset_provider, args, model_config_from_args(args))
     counts, text = config.parameter_counts(), config.text
     layout, model, gpu = Layout.from_args(args), ModelShape.from_config(config), planned_gpu()
     if args.use_megatron_fsdp:
@@ -480,6 +483,7 @@ def print_dry_run_plan(args: argparse.Namespace, config: Any, log_path: str) -> 
         )
         + f", MTP layers {text.mtp_num_hidden_layers}",
         f"  vision: {config.vision.depth} layers, hidden {config.vision.hidden_size}",
+        *(f"  data: {line}" for line in data),
         f"  parameters (HF-equivalent): total {counts.total:,} ({human_count(counts.total)}), "
         f"active {counts.active:,} ({human_count(counts.active)}); vision "
         f"{human_count(counts.vision)}; MTP +{counts.mtp:,} ({human_count(counts.mtp)})",

@@ -290,6 +290,32 @@ def find_shards(dataset_path: str, split: str) -> list[str]:
     )
 
 
+def describe_dataset(args: Any, config: Any) -> list[str]:
+    """What a dry run reads without a GPU: each split's shards and rows (parquet metadata only),
+    the tokenizer and image processor of --hf-tokenizer-path, and the image token id the data
+    will carry against the one the chosen model was released with."""
+    import pyarrow.parquet as pq
+
+    lines = []
+    for field, split in SPLIT_FILES.items():
+        shards = find_shards(args.dataset_path, split)
+        rows = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+        lines.append(f"cord_v2 {field}: {rows:,} rows in {len(shards)} shard(s)")
+    tokenizer, image_processor = load_tokenizer_and_image_processor(args.hf_tokenizer_path)
+    image = image_token_id(tokenizer)
+    agreement = (
+        "the model's"
+        if image == config.image_token_id
+        else f"the model was released with {config.image_token_id}: the run embeds {image}"
+    )
+    lines.append(
+        f"tokenizer {args.hf_tokenizer_path}: {len(tokenizer):,} tokens, image token id {image} "
+        f"({agreement}); image processor patch {image_processor.patch_size}, merge "
+        f"{image_processor.merge_size}"
+    )
+    return lines
+
+
 class CordV2Dataset(Dataset):
     """CORD-V2 rows read lazily from parquet shards (one row group cached per process).
 

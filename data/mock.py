@@ -237,3 +237,11 @@ def build_datasets(
     ]
     ignored = tokens.ignored_label_ids(bool(getattr(args, "mask_im_end", False)))
     return DatasetSplits(*splits, pad_token_id=tokens.pad, ignored_label_ids=ignored)
+
+
+def describe_dataset(args: Any, config: Qwen35VLConfig) -> list[str]:
+    """The dry run's line for `mock`: nothing to read, samples come from the seed."""
+    return [
+        f"mock: synthetic samples from seed {args.seed} (1-{args.mock_max_images} images each, "
+        f"image token id {config.image_token_id}); no files read"
+    ]

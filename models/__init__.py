@@ -37,6 +37,13 @@ class ModelEntry:
             raise ValueError(f"unknown dataset provider {name!r}; valid providers: {valid}")
         return resolve(self.dataset_providers[name])
 
+    def describe_dataset(self, name: str, args: Any, config: Any) -> list[str]:
+        """The dry run's lines about dataset `name`: its provider module's `describe_dataset`
+        (files, rows, tokenizer) when it has one."""
+        module = importlib.import_module(self.dataset_providers[name].partition(":")[0])
+        describe = getattr(module, "describe_dataset", None)
+        return describe(args, config) if describe else []
+
     def build_model(self, *args: Any, **kwargs: Any) -> Any:
         return resolve(self.model_factory)(*args, **kwargs)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
-# summary table on stdout. Each step fits one 10-minute device call on a warm machine (the first
+# summary table on stdout. Each step fits a 10-minute run on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
 #   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row OUT_DIR  # 1 GPU
 #     (convert = the checkpoint load test, then `finetune`: import, fine-tunes, loss against HF)

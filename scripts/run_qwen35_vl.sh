@@ -227,9 +227,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # arguments.py runs its early checks (variant, dataset provider and shards, tokenizer directory,
 # the checkpoint's config.json and MTP tensors) on the flags pretrain_multimodal.py will get and
 # prints the model's routed experts, position limit and name, or the bad flag's message.
-if ! facts=$("$PYTHON" -m arguments "${ARGS[@]}" "$@"); then
+# Library warnings of the lookup go to a file, so that the plan or the run's output stands alone.
+mkdir -p "$RUN_DIR"
+if ! facts=$("$PYTHON" -m arguments "${ARGS[@]}" "$@" 2>>"$RUN_DIR/launcher_checks.log"); then
   facts=${facts##*$'\n'}
-  die "${facts:-python -m arguments failed (output above)}"
+  die "${facts:-python -m arguments failed: see $RUN_DIR/launcher_checks.log}"
 fi
 read -r NUM_EXPERTS MAX_POSITIONS MODEL <<< "${facts##*$'\n'}"
 if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then

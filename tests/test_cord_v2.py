@@ -8,6 +8,7 @@ DatasetSplits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ from data.cord_v2 import (
     CordV2Dataset,
     build_datasets,
     decode_image,
+    describe_dataset,
     find_shards,
     ignored_label_ids,
     image_token_id,
@@ -415,3 +417,21 @@ def test_provider_returns_splits_and_feeds_the_loader(clean):
 
     with pytest.raises(ValueError, match="image token id is 248056"):
         build_datasets(args, get_variant("proxy"), (1, 1, 1))
+
+
+def test_dry_run_description_reads_rows_and_tokenizer(clean):
+    args = argparse.Namespace(
+        dataset_path=str(clean.root), hf_tokenizer_path=str(clean.tokenizer_dir)
+    )
+    released = get_variant("proxy")
+    lines = describe_dataset(args, released)
+    for line, split in zip(lines, ("train", "validation", "test"), strict=False):
+        assert f"{len(clean.rows[split]):,} rows in {len(clean.shards[split])} shard(s)" in line
+    tokenizer, _ = load_tokenizer_and_image_processor(str(clean.tokenizer_dir))
+    image = image_token_id(tokenizer)
+    assert (
+        f"image token id {image} (the model was released with {released.image_token_id}"
+        in (lines[-1])
+    )
+    matching = dataclasses.replace(released, image_token_id=image)
+    assert f"image token id {image} (the model's)" in describe_dataset(args, matching)[-1]

@@ -396,3 +396,19 @@ def test_architecture_flags_equal_to_the_model_pass():
         total_seq_length=1000,
     )
     validate_multimodal_args(args)
+
+
+def test_cord_v2_dry_run_reads_the_data_and_prints_the_plan_alone(tmp_path):
+    from tests.cord_fixture import write_fixture
+
+    fixture = write_fixture(tmp_path / "cord")
+    result = dry_run(
+        tmp_path,
+        DATASET="cord_v2",
+        DATA_PATH=str(fixture.root),
+        HF_TOKENIZER_PATH=str(fixture.tokenizer_dir),
+    )
+    out = assert_ok(result)
+    assert f"data: cord_v2 train: {len(fixture.rows['train']):,} rows" in out
+    assert "data: tokenizer " in out and "image token id" in out
+    assert "Warning" not in out + result.stderr  # library warnings go to RUN_DIR's logs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,3 +185,12 @@ def test_answer_is_mostly_uniform_prompt_words(samples):
     words = (answer >= tokens.text_low) & (answer < tokens.text_low + tokens.text_range)
     assert float(words.float().mean()) > 0.95
     assert math.log(tokens.text_range) == pytest.approx(8.318, abs=1e-3)
+
+
+def test_dry_run_description_names_the_seed_and_image_token():
+    from data.mock import describe_dataset
+
+    args = SimpleNamespace(seed=7, mock_max_images=3)
+    (line,) = describe_dataset(args, get_variant("proxy"))
+    assert line.startswith("mock: synthetic samples from seed 7 (1-3 images each")
+    assert f"image token id {get_variant('proxy').image_token_id}" in line
