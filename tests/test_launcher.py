@@ -412,3 +412,40 @@ def test_cord_v2_dry_run_reads_the_data_and_prints_the_plan_alone(tmp_path):
     assert f"data: cord_v2 train: {len(fixture.rows['train']):,} rows" in out
     assert "data: tokenizer " in out and "image token id" in out
     assert "Warning" not in out + result.stderr  # library warnings go to RUN_DIR's logs
+
+
+def launch_with_fake_python(tmp_path, gpu: bool) -> subprocess.CompletedProcess:
+    """A real (non-dry) launch whose Python answers the GPU probe with `gpu` and stands in for
+    torchrun with one printed line; everything else goes to the real interpreter."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ "$1" = -c ] && [[ $2 == *cuda.is_available* ]]; then exit {0 if gpu else 1}; fi\n'
+        'if [ "$1" = -m ] && [ "$2" = torch.distributed.run ]; then '
+        'echo "training would start: $*"; echo "a warning" >&2; exit 0; fi\n'
+        f'exec {PYTHON} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+    env.update(PYTHON=str(fake), GPUS_PER_NODE="1", RUN_DIR=str(tmp_path / "run"))
+    return subprocess.run(
+        ["bash", SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_run_output_is_kept_in_run_dir(tmp_path):
+    result = launch_with_fake_python(tmp_path, gpu=True)
+    assert result.returncode == 0, result.stderr
+    (log,) = (tmp_path / "run" / "logs").glob("*-node0.log")
+    kept = log.read_text()
+    assert "training would start: -m torch.distributed.run" in kept and "a warning" in kept
+    assert f"stdout and stderr also go to {log}" in result.stdout
+
+
+def test_run_without_gpu_says_so_in_one_line(tmp_path):
+    result = launch_with_fake_python(tmp_path, gpu=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "run_qwen35_vl.sh: error: no GPU found: use DRY_RUN=1 to validate the configuration on "
+        "the CPU"
+    )
