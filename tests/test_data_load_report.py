@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from data.collate import BSHD, CollateConfig
 from data.load_report import LoadNotes, LoadReport
 from data.loader import build_loader
-from models.qwen35_vl.configuration import get_variant
+from tests.test_loader import COLLATE  # the same two-token BSHD collate
 
 SAMPLES = 12
 
@@ -39,15 +38,6 @@ class Noted(Dataset):
         if index == 7:
             sample["load_notes"] = LoadNotes(truncated=(("shard row 7", 9000, 4096),))
         return sample
-
-
-COLLATE = CollateConfig(
-    mode=BSHD,
-    seq_length=2,
-    pad_token_id=0,
-    image_token_id=10**6,
-    vision=get_variant("proxy").vision,
-)
 
 
 def test_workers_notes_are_counted_in_the_main_process():
