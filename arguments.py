@@ -425,10 +425,16 @@ def pad_multiple_reason(args: argparse.Namespace) -> str:
 
 
 def pad_multiple(args: argparse.Namespace) -> int:
-    """Every sequence length must divide by this: 2 x CP for the load-balanced CP split, x TP
-    when sequence parallelism shards the sequence."""
-    tp = args.tensor_model_parallel_size if args.sequence_parallel else 1
-    return 2 * args.context_parallel_size * tp if args.context_parallel_size > 1 else tp
+    """Every sequence length must divide by this (see `sequence_multiple`)."""
+    return sequence_multiple(
+        args.tensor_model_parallel_size, args.context_parallel_size, args.sequence_parallel
+    )
+
+
+def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
+    """2 x CP for the load-balanced CP split, x TP when sequence parallelism shards the
+    sequence."""
+    return (2 * cp if cp > 1 else 1) * (tp if sequence_parallel else 1)
 
 
 def launcher_facts(argv: list[str]) -> dict[str, Any]:

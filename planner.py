@@ -266,6 +266,8 @@ def memory_plan(layout: Layout, model: ModelShape) -> dict[str, float]:
 
 def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None = None) -> str:
     """Why megatron or the model refuses `layout` ('' when it is accepted)."""
+    from arguments import sequence_multiple
+
     tp, cp, ep, pp, world = layout.tp, layout.cp, layout.ep, layout.pp, layout.world
     if world % (tp * cp * pp):
         return f"world {world} is not divisible by TP x CP x PP"
@@ -279,7 +281,7 @@ def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None =
         return f"EP {ep} does not divide the {model.num_experts} experts"
     if cp > 1 and layout.seq_length % (2 * cp):
         return f"sequence length {layout.seq_length} is not a multiple of 2 x CP"
-    multiple = (2 * cp if cp > 1 else 1) * (tp if layout.sequence_parallel else 1)
+    multiple = sequence_multiple(tp, cp, layout.sequence_parallel)
     if not layout.packed and layout.seq_length % multiple:
         return f"sequence length {layout.seq_length} is not a multiple of {multiple}"
     if global_batch and global_batch % (layout.mbs * layout.dp):
