@@ -6,12 +6,15 @@ one, and a run killed with SIGKILL resumes from its last checkpoint. Run directl
 Exactness: with DETERMINISTIC=1 (megatron's deterministic mode: torch Gated DeltaNet rule,
 deterministic TE / cuBLAS / NCCL) resumed losses must equal the uninterrupted ones bit for bit
 (float32 TensorBoard scalars; a 40-iteration pair resumed at 20). The default fast path uses fla's
-Gated DeltaNet kernels, whose backward accumulates with atomics, so the same step can differ in
-the last bits: there the resumed losses must agree to 1e-4 relative.
+Gated DeltaNet kernels, whose backward accumulates with atomics, so two runs of the same steps
+part in the last bits and the gap grows: there the resumed run may differ from the uninterrupted
+one by no more than a second uninterrupted run does over the same iterations (mean relative
+difference; the second run has drifted since iteration 1, the resumed one only since the resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -32,7 +35,7 @@ from tests.gpu_harness import Check, free_port, print_table  # noqa: E402
 
 ITERS = int(os.environ.get("VERIFY_TRAIN_ITERS", "300"))
 SAVE_AT = int(os.environ.get("VERIFY_SAVE_AT", "100"))
-KILL_ITERS, KILL_SAVE, KILL_AT = 60, 20, 50
+KILL_ITERS, KILL_SAVE, KILL_AT = 80, 20, 50
 COMMON = {
     "MODEL_VARIANT": "proxy",
     "SEQ_LEN": "1024",  # keeps the whole check inside one 10-minute device call
@@ -73,27 +76,58 @@ def wait_for_iteration(log_path: str, iteration: int, process: subprocess.Popen)
     raise RuntimeError(f"run ended before iteration {iteration}; see {log_path}")
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a launcher and everything below it: torchrun starts each worker in a session of its
+    own, so killing the launcher's process group alone leaves the training process running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we listed
+            children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    for member in reversed(tree):  # the workers first, so no launcher restarts them
+        with contextlib.suppress(ProcessLookupError):  # it ended by itself meanwhile
+            os.kill(member, signal.SIGKILL)
+
+
+def relative_differences(one: dict[int, float], two: dict[int, float], steps: range) -> list[float]:
+    return [abs(two[i] - one[i]) / abs(one[i]) for i in steps]
+
+
 def check_resume(out: str, ckpt: str, full: dict[int, float]) -> list[Check]:
     stop = SAVE_AT + 50
+    window = ("--exit-interval", str(stop))
     resumed = read_scalars(
         run(
             out,
             "resumed",
-            ("--ckpt-step", str(SAVE_AT), "--exit-interval", str(stop)),
+            ("--ckpt-step", str(SAVE_AT), *window),
             CKPT_LOAD=ckpt,
             TRAIN_ITERS=str(ITERS),
         ),
         "lm loss",
     )
+    again = read_scalars(run(out, "full_again", window, TRAIN_ITERS=str(ITERS)), "lm loss")
     steps = range(SAVE_AT + 1, stop + 1)
-    worst = max(abs(resumed[i] - full[i]) / abs(full[i]) for i in steps)
+    resumed_rel = relative_differences(full, resumed, steps)
+    noise_rel = relative_differences(full, again, steps)
     exact = sum(resumed[i] == full[i] for i in steps)
     return [
         Check(
-            f"fla path, resume at {SAVE_AT}: max rel loss difference",
-            worst,
-            1e-4,
-            f"iterations {SAVE_AT + 1}-{stop}, {exact}/{len(steps)} bitwise equal",
+            f"fla path, resume at {SAVE_AT}: mean rel loss difference to the uninterrupted run",
+            sum(resumed_rel) / len(steps),
+            sum(noise_rel) / len(steps),
+            f"iterations {SAVE_AT + 1}-{stop}; limit: a second uninterrupted run's; max "
+            f"{max(resumed_rel):.2e} (second run {max(noise_rel):.2e}); "
+            f"{exact}/{len(steps)} bitwise equal",
         )
     ]
 
@@ -120,17 +154,27 @@ def check_kill_and_resume(out: str) -> list[Check]:
     kill_dir = os.path.join(out, "kill_ckpt")
     env = dict(TRAIN_ITERS=str(KILL_ITERS), SAVE_INTERVAL=str(KILL_SAVE), CKPT_SAVE=kill_dir)
     process = launch(out, "killed", **env)
-    wait_for_iteration(os.path.join(out, "killed.log"), KILL_AT, process)
-    os.killpg(process.pid, signal.SIGKILL)
+    killed_log = os.path.join(out, "killed.log")
+    wait_for_iteration(killed_log, KILL_AT, process)
+    kill_process_tree(process.pid)
     process.wait()
+    time.sleep(2)  # anything that survived the kill would log further iterations meanwhile
+    with open(killed_log) as log:
+        last_logged = max(int(i) for i in re.findall(r"iteration\s+(\d+)/", log.read()))
     after = read_scalars(run(out, "after_kill", CKPT_LOAD=kill_dir, **env), "lm loss")
     restart = min(after) - 1
     return [
         Check(
-            "after kill -9: restarted from last checkpoint",
-            abs(restart - (KILL_AT // KILL_SAVE) * KILL_SAVE),
+            "kill -9: iterations logged after the kill",
+            max(0, last_logged - KILL_AT - 1),
             0,
-            f"killed at {KILL_AT}, resumed at {restart + 1}, reached {max(after)}/{KILL_ITERS}",
+            f"killed on seeing iteration {KILL_AT} of {KILL_ITERS}; last logged {last_logged}",
+        ),
+        Check(
+            "after kill -9: restarted from last checkpoint",
+            abs(restart - (last_logged // KILL_SAVE) * KILL_SAVE),
+            0,
+            f"resumed at {restart + 1}, reached {max(after)}/{KILL_ITERS}",
         ),
         Check("after kill -9: reached the last iteration", KILL_ITERS - max(after), 0),
     ]
@@ -150,7 +194,7 @@ def main(out: str) -> int:
     print_throughput(full_dir)
     sys.stdout.flush()
 
-    # The three checks below are independent of each other and short, so they share the GPU
+    # The checks below are independent of each other and short, so they share the GPU
     # concurrently; only the uninterrupted run above (whose throughput is reported) runs alone.
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = [
