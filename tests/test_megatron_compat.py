@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from megatron.core.transformer.moe import moe_utils, router
@@ -107,3 +109,55 @@ def test_version_guard_applies_only_matching_versions():
 def test_every_patch_names_its_version_and_upstream_change():
     for patch in megatron_compat.PATCHES:
         assert patch.written_for.endswith(".") and patch.upstream
+
+
+class LayerWithFusionSetting(torch.nn.Linear):
+    """Stands in for a TE layer: TE modules carry a bool `fuse_wgrad_accumulation`."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.fuse_wgrad_accumulation = False
+
+
+def training_args(**overrides) -> argparse.Namespace:
+    settings = dict(
+        gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
+    )
+    return argparse.Namespace(**{**settings, **overrides})
+
+
+def test_te_layers_fuse_wgrad_accumulation_under_ddp():
+    model = torch.nn.Sequential(
+        LayerWithFusionSetting(), torch.nn.Linear(2, 2), LayerWithFusionSetting()
+    )
+    assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 2
+    assert model[0].fuse_wgrad_accumulation and model[2].fuse_wgrad_accumulation
+    assert not hasattr(model[1], "fuse_wgrad_accumulation")  # megatron's own layers keep their add
+
+
+@pytest.mark.parametrize(
+    "setting", ["gradient_accumulation_fusion", "use_megatron_fsdp", "use_torch_fsdp2"]
+)
+def test_te_wgrad_fusion_left_alone_outside_plain_ddp(setting):
+    model = torch.nn.Sequential(LayerWithFusionSetting())
+    args = training_args(**{setting: True})
+    assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, args) == 0
+    assert not model[0].fuse_wgrad_accumulation
+
+
+def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
+    monkeypatch.setattr(megatron_compat, "installed_megatron_core_version", lambda: "0.20.0")
+    model = torch.nn.Sequential(LayerWithFusionSetting())
+    with pytest.warns(UserWarning, match="not fusing TE weight-gradient accumulation"):
+        assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 0
+    assert not model[0].fuse_wgrad_accumulation
+
+
+def test_training_entry_fuses_te_wgrad_accumulation():
+    """The speed-up stays on: the model provider applies it to every model it builds."""
+    import inspect
+
+    import pretrain_multimodal
+
+    source = inspect.getsource(pretrain_multimodal.model_provider)
+    assert "fuse_wgrad_accumulation_in_te_layers(model, args)" in source

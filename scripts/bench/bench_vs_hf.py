@@ -1,6 +1,7 @@
 """Training throughput of our megatron Qwen3.5-VL against HF transformers, in one process on one
-GPU: the same config (9B widths, 3:1 Gated DeltaNet:attention, fewer layers), the same THD pack
-of mixed-length samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
+GPU: the same config (9B widths, or with --model moe the 35B-A3B widths: 256 experts, top-8,
+shared expert; 3:1 Gated DeltaNet:attention, fewer layers), the same THD pack of mixed-length
+samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
 each side and the ratio, as one JSON line (plus a markdown row for docs/results.md); with
 --profile DIR also a torch-profiler trace of our steps and its time split (profile_summary.py).
 Under `torchrun --nproc-per-node N` ours runs with context parallelism N (HF, which has none,
@@ -8,13 +9,17 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
 
     python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10 [--profile DIR]
     python scripts/bench/bench_vs_hf.py --layers 8 --layout row   # ours on HF's exact row
+    python scripts/bench/bench_vs_hf.py --model moe --layers 4      # a 35B-A3B slice
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
-TE layers, fla kernels, packed THD (or, with --layout row, HF's single BSHD row). HF:
-`Qwen3_5ForConditionalGeneration` in pure bf16 with fused AdamW and sdpa attention (fla kernels
-when installed); the pack is one 8192-token row there, as HF has no packed-sequence path for
-Qwen3.5. FLOPs come from scripts/bench/flops.py (3 x forward).
+TE layers with their weight gradients accumulated into the fp32 grads in the GEMM
+(`--wgrad-fusion off` measures megatron's separate add), fla kernels, the launcher's MoE fusions
+(fused router and permutation, TE grouped expert GEMMs), packed THD (or, with --layout row, HF's
+single BSHD row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration`
+with its grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when
+installed); the pack is one 8192-token row there, as HF has no packed-sequence path for Qwen3.5.
+FLOPs come from scripts/bench/flops.py (3 x forward; the MoE counts active experts only).
 """
 
 from __future__ import annotations
@@ -47,16 +52,21 @@ PACK_SAMPLES = [
 ]
 
 
-def bench_config(layers: int):
-    """9B widths with `layers` decoder layers in the released 3:1 pattern, no MTP."""
-    nine_b = get_variant("9b")
+BENCH_VARIANTS = {"dense": "9b", "moe": "35b_a3b"}
+
+
+def bench_config(layers: int, model: str = "dense"):
+    """The released widths of the 9B (dense) or 35B-A3B (moe) with `layers` decoder layers in the
+    released 3:1 pattern, no MTP."""
+    released = get_variant(BENCH_VARIANTS[model])
     text = dataclasses.replace(
-        nine_b.text,
+        released.text,
         num_hidden_layers=layers,
         layer_types=interleaved_layer_types(layers),
         mtp_num_hidden_layers=0,
     )
-    return dataclasses.replace(nine_b, name=f"9b-widths-{layers}-layers", text=text)
+    name = f"{released.name}-widths-{layers}-layers"
+    return dataclasses.replace(released, name=name, text=text)
 
 
 def make_pack(config, pack_tokens: int, cp: int = 1) -> tuple[list[dict], dict]:
@@ -114,7 +124,13 @@ def time_steps(step, warmup: int, iters: int) -> float:
 
 
 def megatron_side(
-    config, batch, warmup: int, iters: int, cp: int = 1, profile_dir: str = ""
+    config,
+    batch,
+    warmup: int,
+    iters: int,
+    cp: int = 1,
+    profile_dir: str = "",
+    wgrad_fusion: bool = True,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -130,7 +146,7 @@ def megatron_side(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forward_step import loss_func, partition_for_context_parallel, run_model, to_device
-    from megatron_compat import apply_patches
+    from megatron_compat import apply_patches, fuse_wgrad_accumulation_in_te_layers
     from models.qwen35_vl.factory import build_model
 
     apply_patches()
@@ -148,8 +164,17 @@ def megatron_side(
         cross_entropy_fusion_impl="native",
         bias_dropout_fusion=True,
         context_parallel_size=cp,
+        # The launcher's MoE settings (run_qwen35_vl.sh); unused by a dense model.
+        moe_router_fusion=True,
+        moe_permute_fusion=True,
+        moe_router_dtype="fp32",
     )
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    if wgrad_fusion:
+        ddp = argparse.Namespace(
+            gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
+        )
+        fuse_wgrad_accumulation_in_te_layers(model, ddp)
     model.model_type = ModelType.encoder_or_decoder  # read by the schedule, set as get_model does
     language = model.language_model.config
     model = Float16Module(language, model)
@@ -233,11 +258,15 @@ def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
 
 
 def hf_side(config, samples, warmup: int, iters: int) -> dict:
-    from transformers import Qwen3_5ForConditionalGeneration
+    from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     hf_config = config.to_hf_config(attn_implementation="sdpa")
+    hf_class, options = Qwen3_5ForConditionalGeneration, {}
+    if config.text.is_moe:  # HF's fastest expert path: one grouped GEMM over all experts
+        hf_class = Qwen3_5MoeForConditionalGeneration
+        options = {"experts_implementation": "grouped_mm"}
     with torch.device("cuda"):
-        model = Qwen3_5ForConditionalGeneration._from_config(hf_config, dtype=torch.bfloat16)
+        model = hf_class._from_config(hf_config, dtype=torch.bfloat16, **options)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     joined = joined_sample(samples)
@@ -262,6 +291,13 @@ def hf_side(config, samples, warmup: int, iters: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--model", choices=tuple(BENCH_VARIANTS), default="dense")
+    parser.add_argument(
+        "--wgrad-fusion",
+        choices=("te", "off"),
+        default="te",
+        help="TE layers accumulate weight gradients in the GEMM (te, as training) or not (off)",
+    )
     parser.add_argument("--pack-tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -283,7 +319,7 @@ def main() -> None:
     # a machine.
     store = torch.distributed.HashStore() if "MASTER_PORT" not in os.environ else None
     torch.distributed.init_process_group("nccl", rank=rank, world_size=world, store=store)
-    config = bench_config(args.layers)
+    config = bench_config(args.layers, args.model)
     samples, batch = make_pack(config, args.pack_tokens, cp=world)
     lengths = [s["input_ids"].numel() for s in samples]
     if args.layout == "row":
@@ -303,9 +339,12 @@ def main() -> None:
         "megatron_gpus": world,
         "megatron_cp": world,
         "megatron_layout": args.layout,
+        "megatron_wgrad_fusion": args.wgrad_fusion,
     }
     torch.cuda.reset_peak_memory_stats()
-    measured = megatron_side(config, batch, args.warmup, args.iters, world, args.profile)
+    measured = megatron_side(
+        config, batch, args.warmup, args.iters, world, args.profile, args.wgrad_fusion == "te"
+    )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
     results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
     gc.collect()
