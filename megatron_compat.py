@@ -132,9 +132,11 @@ def fuse_wgrad_accumulation_in_te_layers(model: Any, args: argparse.Namespace) -
     megatron's fp32 `main_grad` (the wgrad GEMM adds in place) instead of returning a bf16
     gradient that megatron DDP adds in a kernel of its own. megatron-core 0.19 ties this TE
     setting to `--gradient-accumulation-fusion`, which its non-TE output layer refuses without
-    APEX's `fused_weight_gradient_mlp_cuda`, so without APEX every TE layer lost the fusion too:
-    about 400 fp32 adds per step at 9B widths. TE marks each fused weight `grad_added_to_main_grad`,
-    which megatron DDP reads to skip its add, so the output layer keeps the unfused path.
+    APEX's `fused_weight_gradient_mlp_cuda`, so without APEX every TE layer lost the fusion too
+    (the TE layers' adds are 142 of the 414 fp32 adds of a 9B-widths step). TE marks each fused
+    weight `grad_added_to_main_grad`, which megatron DDP reads to skip its add, so the output
+    layer keeps the unfused path. Not applied by training until tests/test_wgrad_fusion.py has
+    passed on a GPU; `bench_vs_hf.py --wgrad-fusion te` measures it.
 
     Only under megatron DDP with the flag off (with it on, TE fuses already; Megatron-FSDP and
     torch FSDP keep `main_grad` their own way). Returns the number of layers switched; 0 also when

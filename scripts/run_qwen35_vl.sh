@@ -254,9 +254,8 @@ if [ "$NUM_EXPERTS" -gt 0 ]; then
 fi
 if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
   # megatron's (non-TE) output layer refuses gradient-accumulation fusion without APEX's kernel,
-  # with megatron-fsdp too; under megatron DDP the TE layers still fuse
-  # (megatron_compat.fuse_wgrad_accumulation_in_te_layers).
-  echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion (TE layers still fuse under DDP)"
+  # with megatron-fsdp too (its fusion through TE covers the TE layers only).
+  echo "run_qwen35_vl.sh: APEX fused_weight_gradient_mlp_cuda not installed; adding --no-gradient-accumulation-fusion"
   ARGS+=(--no-gradient-accumulation-fusion)
 fi
 ARGS+=("$@")

@@ -151,13 +151,3 @@ def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
     with pytest.warns(UserWarning, match="not fusing TE weight-gradient accumulation"):
         assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 0
     assert not model[0].fuse_wgrad_accumulation
-
-
-def test_training_entry_fuses_te_wgrad_accumulation():
-    """The speed-up stays on: the model provider applies it to every model it builds."""
-    import inspect
-
-    import pretrain_multimodal
-
-    source = inspect.getsource(pretrain_multimodal.model_provider)
-    assert "fuse_wgrad_accumulation_in_te_layers(model, args)" in source

@@ -11,6 +11,7 @@ its fp32 add and the fused one does not, so they may differ by one bf16 rounding
 relative (difference norm / gradient norm, per parameter); a gradient counted twice or lost
 differs by 1.0 or more. The TE layers must have been switched and must have marked their weights
 `grad_added_to_main_grad`, and the non-TE output layer must have kept megatron's add.
+The second build loads the first one's weights.
 """
 
 from __future__ import annotations
@@ -42,14 +43,21 @@ BF16_ROUNDING = 2.0**-8
 SAMPLES = [(61, (120, 200), ((160, 224),)), (62, (300, 41), ((96, 128),))]
 
 
-def main_grads_after_two_micro_batches(config, fused: bool) -> tuple[dict, int, list[str]]:
-    """(main_grad per parameter, TE layers switched, names of weights TE marked as added)."""
+def main_grads_after_two_micro_batches(
+    config, fused: bool, weights: dict[str, torch.Tensor] | None
+) -> tuple[dict, dict, int, list[str]]:
+    """(the model's initial weights, main_grad per parameter, TE layers switched, names of the
+    weights TE marked as added). `weights` (the other build's) are loaded first: megatron's
+    initialisation is not reproducible from one seed across two builds in a process."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_compat import fuse_wgrad_accumulation_in_te_layers
 
     set_model_parallel(seed=1234)
     model = build_megatron(config, torch.bfloat16)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     ddp_args = argparse.Namespace(
         use_megatron_fsdp=False, use_torch_fsdp2=False, gradient_accumulation_fusion=False
     )
@@ -74,14 +82,14 @@ def main_grads_after_two_micro_batches(config, fused: bool) -> tuple[dict, int, 
     grads = {
         name: param.main_grad.detach().clone() for name, param in model.module.named_parameters()
     }
-    return grads, switched, marked
+    return initial, grads, switched, marked
 
 
 def compare(moe: bool) -> list[Check]:
     config = tiny_config(moe=moe)
     label = "MoE" if moe else "dense"
-    reference, _, _ = main_grads_after_two_micro_batches(config, fused=False)
-    fused, switched, marked = main_grads_after_two_micro_batches(config, fused=True)
+    weights, reference, _, _ = main_grads_after_two_micro_batches(config, False, None)
+    _, fused, switched, marked = main_grads_after_two_micro_batches(config, True, weights)
     errors = {
         name: float((fused[name] - ref).norm() / ref.norm().clamp_min(1e-30))
         for name, ref in reference.items()

@@ -13,8 +13,8 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
-TE layers with their weight gradients accumulated into the fp32 grads in the GEMM
-(`--wgrad-fusion off` measures megatron's separate add), fla kernels, the launcher's MoE fusions
+TE layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
+`--wgrad-fusion te` the TE GEMMs accumulate them in place), fla kernels, the launcher's MoE fusions
 (fused router and permutation, TE grouped expert GEMMs), packed THD (or, with --layout row, HF's
 single BSHD row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration`
 with its grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when
@@ -130,7 +130,7 @@ def megatron_side(
     iters: int,
     cp: int = 1,
     profile_dir: str = "",
-    wgrad_fusion: bool = True,
+    wgrad_fusion: bool = False,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -295,8 +295,9 @@ def main() -> None:
     parser.add_argument(
         "--wgrad-fusion",
         choices=("te", "off"),
-        default="te",
-        help="TE layers accumulate weight gradients in the GEMM (te, as training) or not (off)",
+        default="off",
+        help="TE layers accumulate weight gradients in the GEMM (te) or megatron adds them (off, "
+        "as training does until tests/test_wgrad_fusion.py has passed on a GPU)",
     )
     parser.add_argument("--pack-tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
