@@ -6,12 +6,12 @@
 #     (convert = the checkpoint load test, then `finetune`: import, fine-tunes, loss against HF)
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
-#   scripts/run_gpu_checks.sh cp|layouts|cp_curve|bench_cp           OUT_DIR   # two GPUs
+#   scripts/run_gpu_checks.sh cp|cp_curve|bench_cp|finetune_layouts  OUT_DIR   # two GPUs
 #   [MATRIX_JOBS=12] scripts/run_gpu_checks.sh matrix                 OUT_DIR   # 1-2 GPUs: every
 #     launcher configuration (scripts/launcher_matrix.py), runs side by side
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, layouts, cp_curve, bench_cp or matrix}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, cp_curve, bench_cp, finetune_layouts or matrix}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -217,16 +217,6 @@ PY
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;
-  layouts)
-    common=(MODEL_VARIANT=proxy TRAIN_ITERS=50 SEQ_LEN=1024 GBS=8)
-    train one_gpu "${common[@]}" GPUS_PER_NODE=1
-    train tp2 "${common[@]}" TP=2 GPUS_PER_NODE=2
-    train fsdp "${common[@]}" FSDP=1 GPUS_PER_NODE=2
-    moe=(MODEL_VARIANT=proxy-moe TRAIN_ITERS=50 SEQ_LEN=1024 GBS=8)
-    train moe_one_gpu "${moe[@]}" GPUS_PER_NODE=1
-    train ep2 "${moe[@]}" EP=2 GPUS_PER_NODE=2
-    first_losses one_gpu tp2 fsdp
-    first_losses moe_one_gpu ep2 ;;
   cp_curve)
     common=(MODEL_VARIANT=proxy PACKED=1 TRAIN_ITERS=30 SEQ_LEN=2048 GBS=8)
     train thd_cp1 "${common[@]}" GPUS_PER_NODE=1
