@@ -405,7 +405,7 @@ def main() -> int:
         os.makedirs(out, exist_ok=True)
         if any(run.uses_cord for run in runnable) and not os.path.isdir(f"{out}/cord_data"):
             subprocess.check_call(
-                [sys.executable, "-m", "tests.cord_fixture", "--out", f"{out}/cord_data"],
+                [sys.executable, "-m", "scripts.cord_fixture", "--out", f"{out}/cord_data"],
                 cwd=REPO,
             )
         ckpt = os.path.abspath(args.ckpt_dir or os.path.join(out, "checkpoints"))

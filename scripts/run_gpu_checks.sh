@@ -67,7 +67,7 @@ import sys
 import torch
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 from models.qwen35_vl.configuration import get_variant
-from tests.hf_checkpoint import save_hf_checkpoint
+from scripts.hf_checkpoint import save_hf_checkpoint
 config = get_variant(sys.argv[1])
 hf_config = config.to_hf_config()
 hf_config.text_config.initializer_range = 0.05
@@ -128,7 +128,7 @@ case "$STEP" in
     "$PYTHON" scripts/plot_training.py --out "$OUT/loss_curve.png" --title "proxy, mock data" \
       "$OUT"/runs/full/tensorboard "$OUT"/runs/resumed/tensorboard 2>&1 | tail -1 ;;
   cord)
-    "$PYTHON" -m tests.cord_fixture --out "$OUT/data" > "$OUT/fixture.log" 2>&1
+    "$PYTHON" -m scripts.cord_fixture --out "$OUT/data" > "$OUT/fixture.log" 2>&1
     for packed in 0 1; do
       train "cord_packed$packed" DATASET=cord_v2 DATA_PATH="$OUT/data" \
         HF_TOKENIZER_PATH="$OUT/data/tokenizer" PACKED=$packed MODEL_VARIANT=proxy \
@@ -157,7 +157,7 @@ case "$STEP" in
     # Iteration 1 runs on the compute weights; later ones on what the optimizer stepped, so the
     # curves part unless FSDP's fp32 main weights hold the checkpoint too.
     compare_curves finetune finetune_fsdp
-    "$PYTHON" -m tests.hf_batch_loss --hf-path "$OUT/proxy_hf" --seq-len 1024 --gbs 4 \
+    "$PYTHON" -m scripts.hf_batch_loss --hf-path "$OUT/proxy_hf" --seq-len 1024 --gbs 4 \
       --train-iters 20 "$OUT/finetune/tensorboard" "$OUT/finetune_fsdp/tensorboard" \
       > "$OUT/hf_loss.log" 2>&1
     table "$OUT/hf_loss.log"
@@ -174,7 +174,7 @@ case "$STEP" in
     train finetune_tp2 "${finetune[@]}" MODEL_VARIANT=proxy TP=2 CKPT_LOAD="$OUT/proxy_ckpt"
     train finetune_moe_ep2 "${finetune[@]}" MODEL_VARIANT=proxy-moe EP=2 CKPT_LOAD="$OUT/proxy-moe_ckpt"
     for run in finetune_tp2:proxy finetune_moe_ep2:proxy-moe; do
-      "$PYTHON" -m tests.hf_batch_loss --hf-path "$OUT/${run#*:}_hf" --seq-len 1024 --gbs 4 \
+      "$PYTHON" -m scripts.hf_batch_loss --hf-path "$OUT/${run#*:}_hf" --seq-len 1024 --gbs 4 \
         --train-iters 20 "$OUT/${run%%:*}/tensorboard" > "$OUT/hf_loss_${run%%:*}.log" 2>&1
       table "$OUT/hf_loss_${run%%:*}.log"
     done

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts.hf_checkpoint import save_hf_checkpoint
 from tests.gpu_harness import (
     Check,
     build_hf,
@@ -40,7 +41,6 @@ from tests.gpu_harness import (
     set_model_parallel,
     tiny_config,
 )
-from tests.hf_checkpoint import save_hf_checkpoint
 
 SAMPLE = (11, (9, 17, 6), ((64, 96), (160, 64)))  # seed, text segment lengths, image sizes
 

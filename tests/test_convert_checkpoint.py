@@ -21,8 +21,8 @@ from scripts.convert_hf_checkpoint import (
     export_checkpoint,
     import_checkpoint,
 )
+from scripts.hf_checkpoint import read_hf_checkpoint, save_hf_checkpoint
 from tests.gpu_harness import tiny_config
-from tests.hf_checkpoint import read_hf_checkpoint, save_hf_checkpoint
 
 
 def converter_config(moe: bool):

@@ -1,4 +1,4 @@
-"""CPU tests of the cord_v2 provider on the offline fixture of tests/cord_fixture.py: exact answer
+"""CPU tests of the cord_v2 provider on the offline fixture of scripts/cord_fixture.py: exact answer
 spans, labels and loss masks through the collate (BSHD and THD; the closing <|im_end|> trained
 unless --mask-im-end), truncation and bad rows counted in the main process across loader workers,
 the scan decoding every image, EXIF orientation, dynamic image resolution and the provider's
@@ -38,7 +38,7 @@ from data.load_report import LoadReport
 from data.loader import build_loader
 from data.tokens import special_token_ids
 from models.qwen35_vl.configuration import VisionConfig, get_variant
-from tests.cord_fixture import (
+from scripts.cord_fixture import (
     EXIF_ORIENTATION,
     SIDEWAYS_ROW,
     SPECIAL_TOKENS,

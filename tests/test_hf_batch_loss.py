@@ -1,4 +1,4 @@
-"""tests/hf_batch_loss.py rebuilds iteration 1's global batch through the real mock provider,
+"""scripts/hf_batch_loss.py rebuilds iteration 1's global batch through the real mock provider,
 sampler and collate: the samples it pairs with each collated micro-batch are the ones in it, and
 the labels / loss mask it scores are the collate's shifted ones. (The HF forward itself runs on
 the GPU machine.)"""
@@ -10,7 +10,7 @@ import argparse
 import torch
 
 from models.qwen35_vl.configuration import get_variant
-from tests.hf_batch_loss import first_global_batch
+from scripts.hf_batch_loss import first_global_batch
 
 
 def test_first_global_batch_pairs_samples_with_their_micro_batches():

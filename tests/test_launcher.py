@@ -399,7 +399,7 @@ def test_architecture_flags_equal_to_the_model_pass():
 
 
 def test_cord_v2_dry_run_reads_the_data_and_prints_the_plan_alone(tmp_path):
-    from tests.cord_fixture import write_fixture
+    from scripts.cord_fixture import write_fixture
 
     fixture = write_fixture(tmp_path / "cord")
     result = dry_run(

@@ -1,17 +1,8 @@
-"""HF transformers' loss on the first global batch of a mock-data run, to check that a fine-tune
-from an imported checkpoint starts where HF's model is. Rebuilds the batch as the run does (mock
-provider, megatron's random sampler, our collate for labels and loss mask), runs the HF model of
-the checkpoint in bf16, and compares the per-token loss with iteration 1 of each named run.
+"""User tool (GPU): HF transformers' bf16 loss on the first global batch of a mock-data run, to
+check that a fine-tune from an imported checkpoint starts at HF's loss; exits non-zero when a
+named run's iteration-1 loss does not (limits: LIMIT and CONTROL_FRACTION in this file).
 
-    python -m tests.hf_batch_loss --hf-path HF --seq-len 1024 --gbs 4 --train-iters 20 RUN/tb...
-
-Exits non-zero when a run's iteration-1 loss differs from HF's by more than 1e-3 relative (bf16
-forward on both sides; the parity test measured the next-token loss within 9.1e-5 (dense) and
-5.2e-5 (MoE) of HF's, and this batch is scored the same way), or when it is not at least 5 times
-closer to HF's loss than a control is: the same architecture with other random weights on the
-same batch. Random models' mean losses sit close together (3.8e-4 relative apart for two seeds
-at the proxy's widths, measured on CPU), so the limit alone would not tell a loaded checkpoint
-from a model that loaded nothing.
+    python -m scripts.hf_batch_loss --hf-path HF --seq-len 1024 --gbs 4 --train-iters 20 RUN/tb...
 """
 
 from __future__ import annotations
@@ -22,7 +13,13 @@ from typing import Any
 
 import torch
 
+# bf16 forward on both sides: the parity test measured the next-token loss within 9.1e-5 (dense)
+# and 5.2e-5 (MoE) of HF's, and this batch is scored the same way.
 LIMIT = 1e-3
+# Random models' mean losses sit close together (3.8e-4 relative apart for two seeds at the
+# proxy's widths, measured on CPU), so LIMIT alone would not tell a loaded checkpoint from a model
+# that loaded nothing: a run must also be 5 times closer to HF's loss than a control (the same
+# architecture with other random weights, on the same batch).
 CONTROL_FRACTION = 0.2  # a run's distance to HF, as a fraction of the control's distance
 
 

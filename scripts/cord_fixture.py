@@ -1,7 +1,7 @@
-"""A tiny, seeded stand-in for CORD-V2 and a Qwen3.5-style tokenizer / image processor, written to
-disk in the Hub's layout so the cord_v2 provider can be tested (and smoke-trained) offline.
+"""User tool: writes a tiny, seeded CORD-V2 stand-in and a Qwen3.5-style tokenizer / processor,
+on disk in the Hub's layout, so the cord_v2 provider can be tested and smoke-trained offline.
 
-    python -m tests.cord_fixture --out DIR [--bad-rows] [--no-long-row]
+    python -m scripts.cord_fixture --out DIR [--bad-rows] [--no-long-row]
 """
 
 from __future__ import annotations

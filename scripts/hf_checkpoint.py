@@ -1,6 +1,8 @@
-"""Writes and reads small HF Qwen3.5 checkpoints for the converter tests: transformers'
-save_pretrained in several shards, optionally plus the `mtp.*` tensors the released checkpoints
-carry (transformers writes none), and every tensor of such a directory read back.
+"""User tool: writes and reads small HF Qwen3.5 checkpoints: transformers' save_pretrained in
+several shards, optionally plus random `mtp.*` tensors as the released checkpoints carry
+(transformers writes none), and every tensor of such a directory read back.
+
+    from scripts.hf_checkpoint import read_hf_checkpoint, save_hf_checkpoint
 """
 
 from __future__ import annotations
