@@ -14,8 +14,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-# Tensors with one entry per token, laid out [B, S] ([B, S, 3] for positions) / [1, T] for THD.
-TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "padding_mask", "vision_rows", "position_ids")
+from data.collate import TOKEN_KEYS
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

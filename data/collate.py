@@ -145,15 +145,16 @@ def _pad_sample(ids, labels, loss_mask, positions, vision_rows, padded_length, c
     }
 
 
-_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "padding_mask", "vision_rows", "position_ids")
+# Tensors with one entry per token, laid out [B, S] ([B, S, 3] for positions) / [1, T] for THD.
+TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "padding_mask", "vision_rows", "position_ids")
 
 
 def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {key: torch.stack([row[key] for row in rows]) for key in _TOKEN_KEYS}
+    return {key: torch.stack([row[key] for row in rows]) for key in TOKEN_KEYS}
 
 
 def _pack(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {key: torch.cat([row[key] for row in rows]).unsqueeze(0) for key in _TOKEN_KEYS}
+    batch = {key: torch.cat([row[key] for row in rows]).unsqueeze(0) for key in TOKEN_KEYS}
     lengths = torch.tensor([row["length"] for row in rows])
     padded = torch.tensor([row["input_ids"].numel() for row in rows])
     batch["cu_seqlens"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
