@@ -1,6 +1,6 @@
 """CPU checks of scripts/bench/flops.py: every part against a hand count on tiny dense and MoE
 configs (two packed sequences of 100 and 28 tokens, one 1x4x6 image), the scaling with sequence
-length, the 6ND comparison and the MFU arithmetic.
+length and the MFU arithmetic.
 """
 
 import dataclasses
@@ -18,7 +18,6 @@ from scripts.bench.flops import (
     batch_training_flops,
     mfu,
     peak_tflops_of,
-    simple_6nd_flops,
     training_flops,
 )
 
@@ -178,22 +177,6 @@ def test_without_mtp() -> None:
     assert without.mtp == 0
     assert dataclasses.replace(with_mtp, mtp=0.0) == without
     assert training_flops(DENSE.with_mtp_layers(0), LENGTHS, GRIDS) == without
-
-
-def test_simple_6nd_against_training_flops() -> None:
-    # Two sequences of 128 tokens: 6ND has the same weight matmuls and attention, counts 6*D
-    # times the parameter vectors (4 layers x 2 RMSNorms, q/k norms, per Gated DeltaNet layer
-    # dt_bias + A_log + gated norm, final norm) and has no delta-rule term.
-    vectors = 4 * 2 * 256 + 2 * 256 + 3 * (2 * 4 + 64) + 256
-    flops = training_flops(DENSE, [128, 128], [], include_mtp=False)
-    expected = flops.total - flops.gdn_delta_rule + 6 * vectors * 256
-    assert simple_6nd_flops(DENSE, 256, sequence_length=128) == expected
-    one_sequence = training_flops(DENSE, [256], [], include_mtp=False)
-    expected = one_sequence.total - one_sequence.gdn_delta_rule + 6 * vectors * 256
-    assert simple_6nd_flops(DENSE, 256) == expected
-    tied_text = dataclasses.replace(DENSE.text, tie_word_embeddings=True)
-    tied = dataclasses.replace(DENSE, text=tied_text)
-    assert simple_6nd_flops(tied, 256) == simple_6nd_flops(DENSE, 256)
 
 
 def test_mfu() -> None:

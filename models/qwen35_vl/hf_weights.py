@@ -1,10 +1,10 @@
 """Hugging Face <-> megatron weight mapping for Qwen3.5-VL, one rule per megatron tensor.
 
 HF names follow the released checkpoints (`model.visual.*`, `model.language_model.*`, `lm_head`,
-`mtp.*`, per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`); `split_fused_experts` /
-`fuse_experts` convert to and from transformers' in-memory 3D expert tensors. Megatron names are
-those of `Qwen35VLModel` at TP=1; `shard_for_tensor_parallel` gives the slice a TP rank holds
-(and so checks that a TP size divides the model).
+`mtp.*`, per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`); `split_fused_experts`
+converts transformers' in-memory 3D expert tensors to them. Megatron names are those of
+`Qwen35VLModel` at TP=1; `shard_for_tensor_parallel` gives the slice a TP rank holds (and so
+checks that a TP size divides the model).
 """
 
 from __future__ import annotations
@@ -363,34 +363,6 @@ def split_fused_experts(
                 out[f"{prefix}{e}.down_proj.weight"] = tensor[e]
         else:
             out[name] = tensor
-    return out
-
-
-def fuse_experts(hf_state: Mapping[str, Tensor], config: Qwen35VLConfig) -> dict[str, Tensor]:
-    """Inverse of `split_fused_experts` (for loading into a transformers model)."""
-    t = config.text
-    out = {k: v for k, v in hf_state.items() if ".mlp.experts." not in k or k.startswith("mtp.")}
-    if not t.is_moe:
-        return out
-    for i in range(t.num_hidden_layers):
-        prefix = f"{HF_TEXT}layers.{i}.mlp.experts."
-        experts = range(t.num_experts)
-        out[prefix + "gate_up_proj"] = torch.stack(
-            [
-                torch.cat(
-                    [
-                        hf_state[f"{prefix}{e}.gate_proj.weight"],
-                        hf_state[f"{prefix}{e}.up_proj.weight"],
-                    ]
-                )
-                for e in experts
-            ]
-        )
-        out[prefix + "down_proj"] = torch.stack(
-            [hf_state[f"{prefix}{e}.down_proj.weight"] for e in experts]
-        )
-    mtp_experts = [k for k in hf_state if k.startswith("mtp.") and ".mlp.experts." in k]
-    out.update({k: hf_state[k] for k in mtp_experts})
     return out
 
 

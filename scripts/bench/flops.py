@@ -49,15 +49,6 @@ Forward FLOPs per part (L_full / L_lin = full attention / Gated DeltaNet layers)
   N^2), QK^T and PV t * 2 * 2 * (gh*gw)^2 * h_v; vision_merger: fc1 on the N/m^2 merged tokens
   2*(N/m^2)*(m^2*h_v)*(m^2*h_v), fc2 2*(N/m^2)*(m^2*h_v)*out_hidden_size.
 
-`simple_6nd_flops` is the common estimate 6*N*D plus causal attention: N = the active language
-parameters (`parameter_counts().active - .vision`: MoE counts its top-k routed experts) minus the
-input embedding table V*h (a tied table still counts once, as the LM head's weight); no vision, no
-MTP. Attention adds 3 * L_full * 2*s*(s+1)*H*d per sequence of length s, i.e.
-6 * L_full * H * d * D * (s + 1) for D tokens cut into sequences of length s. Against
-`training_flops` (include_mtp=False, no images, equal lengths s) it counts the same weight
-matmuls (gdn_conv included: its kernel is a weight) plus 6*D times the parameter vectors
-(RMSNorm weights, q/k norms, dt_bias, A_log), and misses the whole gdn_delta_rule part.
-
 `mfu` = FLOPs per step / (step seconds * GPUs * peak FLOP/s); `PEAK_BF16_TFLOPS` lists dense
 (no sparsity) bf16 peaks.
 """
@@ -237,22 +228,6 @@ def peak_tflops_of(device_name: str) -> float | None:
     if "H100" in device_name and "HBM3" in device_name:
         return PEAK_BF16_TFLOPS["H100 SXM"]
     return None
-
-
-def simple_6nd_flops(
-    config: Qwen35VLConfig, num_tokens: int, sequence_length: int | None = None
-) -> float:
-    """6*N*D + causal attention (module docstring) for `num_tokens` tokens in causal sequences
-    of `sequence_length` tokens (default: one sequence of all of them)."""
-    t = config.text
-    s = num_tokens if sequence_length is None else sequence_length
-    if num_tokens < 0 or s <= 0:
-        raise ValueError(f"need num_tokens >= 0 and sequence_length > 0, got {num_tokens}, {s}")
-    counts = config.parameter_counts()
-    params = counts.active - counts.vision - counts.embeddings + t.vocab_size * t.hidden_size
-    n_full = sum(1 for layer in t.layer_types if layer == FULL_ATTENTION)
-    attention = 6 * n_full * t.num_attention_heads * t.head_dim * num_tokens * (s + 1)
-    return float(6 * params * num_tokens + attention)
 
 
 def mfu(
