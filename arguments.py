@@ -15,17 +15,22 @@ import os
 import sys
 from typing import Any
 
-from models import get_model_entry
+from models import get_model_spec
 
 # The variable of scripts/run_qwen35_vl.sh behind each flag it sets, named in errors so that a
 # launcher user knows what to change.
 LAUNCHER_VARIABLES = {
+    "--model-name": "MODEL",
     "--model-variant": "MODEL_VARIANT",
     "--dataset-provider": "DATASET",
     "--dataset-path": "DATA_PATH",
     "--hf-tokenizer-path": "HF_TOKENIZER_PATH",
     "--load": "CKPT_LOAD",
     "--mtp-num-layers": "MTP_NUM_LAYERS",
+    "--tensor-model-parallel-size": "TP",
+    "--context-parallel-size": "CP",
+    "--expert-model-parallel-size": "EP",
+    "--seq-length": "SEQ_LEN",
 }
 # A tokenizer directory holds at least one of these (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -47,7 +52,7 @@ def add_multimodal_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument(
         "--hf-config-path",
         default=None,
-        help="directory (or config.json) of a Hugging Face Qwen3.5 model; overrides "
+        help="directory (or config.json) of a Hugging Face model of --model-name; overrides "
         "--model-variant so any released size can be trained",
     )
     group.add_argument("--dataset-provider", default="mock", help="dataset provider, e.g. mock")
@@ -101,8 +106,18 @@ def preparse(argv: list[str]) -> argparse.Namespace:
     parser = add_multimodal_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False))
     parser.add_argument("--mtp-num-layers", type=int, default=None)
     parser.add_argument("--load", default=None)
+    for size in ("--tensor-model-parallel-size", "--context-parallel-size"):
+        parser.add_argument(size, type=int, default=1)
+    parser.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parser.add_argument("--seq-length", type=int, default=None)
     args, _ = parser.parse_known_args(argv)
     return args
+
+
+def setting(flag: str, value: Any) -> str:
+    """`VARIABLE=value (--flag)` for a flag the launcher sets, else `--flag value`."""
+    variable = LAUNCHER_VARIABLES.get(flag)
+    return f"{variable}={value} ({flag})" if variable else f"{flag} {value}"
 
 
 def flag_value(flag: str, value: Any) -> str:
@@ -114,7 +129,7 @@ def flag_value(flag: str, value: Any) -> str:
 def model_config_from_args(args: argparse.Namespace) -> Any:
     """The model config selected by --model-name / --model-variant / --hf-config-path, with the
     MTP depth of --mtp-num-layers (variant default when unset)."""
-    entry = get_model_entry(args.model_name)
+    entry = get_model_spec(args.model_name)
     if args.hf_config_path:
         from transformers import AutoConfig
 
@@ -131,15 +146,75 @@ def model_config_from_args(args: argparse.Namespace) -> Any:
     return config
 
 
+# Architecture arguments our own flags choose (--mtp-num-layers sets the MTP depth of the model
+# config itself), so a user's value is the model's by construction.
+CHOSEN_BY_OUR_FLAGS = ("mtp_num_layers",)
+# TransformerConfig fields that megatron's arguments hold under another name (its
+# `core_transformer_config_from_args` maps them back).
+ARGUMENT_OF_FIELD = {"num_moe_experts": "num_experts"}
+
+
+def architecture_dests(spec: Any, config: Any) -> dict[str, Any]:
+    """The architecture as megatron argument values by dest, from the spec's one source: the
+    language `TransformerConfig` fields the factory builds from and the other model arguments."""
+    import torch.nn.functional as F
+
+    fields = dict(spec.language_fields(config))
+    gated, activation = fields.pop("gated_linear_unit", False), fields.pop("activation_func", None)
+    dests: dict[str, Any] = {}
+    if gated and activation is F.silu:
+        dests["swiglu"] = True
+    elif gated or activation not in (None, F.gelu):
+        raise ValueError(
+            f"{spec.name}: megatron has no argument for the activation {activation} "
+            f"(gated {gated}); use SwiGLU or GELU"
+        )
+    if fields.get("num_query_groups") is not None:
+        dests["group_query_attention"] = True
+    for name, value in fields.items():
+        dests[ARGUMENT_OF_FIELD.get(name, name)] = value
+    return dests | spec.model_args(config)
+
+
+def megatron_flags(dests: dict[str, Any]) -> list[str]:
+    """Command-line flags that make megatron's parser produce `dests` (None: leave unset)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    actions = {
+        action.dest: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
+    }
+    flags: list[str] = []
+    for dest, value in dests.items():
+        if value is None:
+            continue
+        if dest not in actions:
+            raise ValueError(f"megatron has no argument for {dest}={value!r}")
+        action = actions[dest]
+        option = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            if bool(value) != action.default:
+                flags.append(option)
+        elif isinstance(value, list | tuple):
+            flags += [option, *map(str, value)]
+        else:
+            flags.append(f"{option}={value}")
+    return flags
+
+
 def architecture_argv(args: argparse.Namespace) -> list[str]:
     """Megatron flags for the selected architecture (put before the user's flags)."""
-    return model_config_from_args(args).megatron_args()
+    return megatron_flags(
+        architecture_dests(get_model_spec(args.model_name), model_config_from_args(args))
+    )
 
 
 def check_early(args: argparse.Namespace) -> None:
     """Checks that need only our own flags and local files (tokenizer, dataset shards, the
     checkpoint to load); run before Megatron's parser and by the launcher."""
-    entry = get_model_entry(args.model_name)
+    try:
+        entry = get_model_spec(args.model_name)
+    except ValueError as error:
+        raise ValueError(f"{flag_value('--model-name', args.model_name)}: {error}") from error
     if not args.hf_config_path:
         try:
             entry.get_variant(args.model_variant)
@@ -161,20 +236,9 @@ def check_early(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-pixels {args.max_pixels} is smaller than --min-pixels {args.min_pixels}"
         )
-    if args.dataset_provider == "cord_v2":
-        for flag, value in (
-            ("--dataset-path", args.dataset_path),
-            ("--hf-tokenizer-path", args.hf_tokenizer_path),
-        ):
-            if not value:
-                raise ValueError(
-                    f"the cord_v2 dataset needs {flag} ({LAUNCHER_VARIABLES[flag]}), a local "
-                    "directory (README, CORD-V2)"
-                )
+    entry.dataset_provider(args.dataset_provider).check(args)
     if args.hf_tokenizer_path:
         check_tokenizer_directory(args.hf_tokenizer_path)
-    if args.dataset_provider == "cord_v2":
-        check_cord_v2_shards(args.dataset_path)
     if args.load:
         check_checkpoint_model(args, model_config_from_args(args))
 
@@ -193,17 +257,6 @@ def check_tokenizer_directory(path: str) -> None:
         )
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise ValueError(f"{where}: no {' or '.join(TOKENIZER_FILES)} in it; {download}")
-
-
-def check_cord_v2_shards(dataset_path: str) -> None:
-    """Every split the cord_v2 provider reads has parquet shards under --dataset-path."""
-    from data.cord_v2 import SPLIT_FILES, find_shards
-
-    for split in SPLIT_FILES.values():
-        try:
-            find_shards(dataset_path, split)
-        except ValueError as error:
-            raise ValueError(f"{flag_value('--dataset-path', dataset_path)}: {error}") from error
 
 
 def checkpoint_directory(load: str) -> str | None:
@@ -237,7 +290,7 @@ def check_checkpoint_model(args: argparse.Namespace, config: Any) -> None:
     if os.path.isfile(os.path.join(args.load, "config.json")):
         from transformers import AutoConfig
 
-        entry = get_model_entry(args.model_name)
+        entry = get_model_spec(args.model_name)
         try:
             stored = entry.from_hf_config(AutoConfig.from_pretrained(args.load), name=args.load)
         except (ValueError, OSError) as error:
@@ -258,7 +311,7 @@ def check_checkpoint_model(args: argparse.Namespace, config: Any) -> None:
                 f"{where} holds another model than {model}: its config.json has "
                 f"{', '.join(differences[:4])}; {fix}"
             )
-    mtp_layers = config.text.mtp_num_hidden_layers
+    mtp_layers = get_model_spec(args.model_name).shape(config).mtp_layers
     directory = checkpoint_directory(args.load)
     if not mtp_layers or directory is None:
         return
@@ -333,12 +386,7 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
         )
     config = model_config_from_args(args)
     check_architecture_flags(args, config)
-    if args.expert_model_parallel_size > 1 and not config.text.num_experts:
-        raise ValueError(
-            f"--expert-model-parallel-size {args.expert_model_parallel_size} needs a MoE model; "
-            f"variant {config.name!r} is dense, use EP=1"
-        )
-    check_gated_deltanet_heads(config, args.tensor_model_parallel_size, args.context_parallel_size)
+    check_layout(args, config)
     multiple = pad_multiple(args)
     if not args.packed_sequence and args.total_seq_length % multiple:
         raise ValueError(
@@ -350,39 +398,33 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
 def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:
     """Megatron's architecture arguments must be the model's: the user's flags come after the
     model's (`architecture_argv`), so a different value would win in megatron's arguments (memory
-    plan, FLOPs, checkpoint metadata) while the model is built from the config. Every field that
-    any variant's flags set is checked; those this model's flags leave out keep megatron's
-    default (a dense model's expert flags, a tied model's untie flag)."""
+    plan, FLOPs, checkpoint metadata) while the model is built from the config. Every argument that
+    any variant sets is checked; those this model leaves unset keep megatron's default (a dense
+    model's expert arguments, a tied model's untie flag)."""
     from megatron.training.arguments import add_megatron_arguments
 
-    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
-    defaults = vars(parser.parse_args([]))
-
-    def fields(flag: str) -> dict[str, Any]:
-        # Namespace fields already present are not reset to their defaults by argparse, so
-        # the flag's own fields are the ones that lose the marker.
-        unset = object()
-        namespace = parser.parse_args([flag], argparse.Namespace(**dict.fromkeys(defaults, unset)))
-        return {name: value for name, value in vars(namespace).items() if value is not unset}
-
-    variants = get_model_entry(args.model_name).variants.values()
-    any_variant = {flag.split("=")[0]: flag for v in variants for flag in v.megatron_args()}
-    expected: dict[str, tuple[str, Any]] = {}
-    for name, flag in any_variant.items():
-        for field in fields(flag):
-            expected[field] = (name, defaults[field])
-    for flag in config.megatron_args():
-        for field, value in fields(flag).items():
-            expected[field] = (flag.split("=")[0], value)
+    spec = get_model_spec(args.model_name)
+    actions = {
+        action.dest: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
+    }
+    ours = architecture_dests(spec, config)
+    expected = {
+        dest: actions[dest].default
+        for variant in spec.variants.values()
+        for dest in architecture_dests(spec, variant)
+    }
+    expected.update({dest: value for dest, value in ours.items() if value is not None})
+    for dest in CHOSEN_BY_OUR_FLAGS:
+        expected.pop(dest, None)
     model = (
         flag_value("--hf-config-path", args.hf_config_path)
         if args.hf_config_path
         else f"MODEL_VARIANT={args.model_variant}"
     )
-    for field, (flag, value) in expected.items():
-        given = getattr(args, field)
+    for dest, value in expected.items():
+        given, flag = getattr(args, dest), actions[dest].option_strings[0]
         # megatron's validation unwraps one-element lists (--moe-aux-loss-coeff takes several).
-        if single(given) != single(value):
+        if single(given) != single(value) and not same_sequence(given, value):
             raise ValueError(
                 f"{flag} {single(given)} disagrees with the model trained ({model}), which has "
                 f"{single(value)}: "
@@ -392,27 +434,50 @@ def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:
             )
 
 
+def same_sequence(given: Any, value: Any) -> bool:
+    """A list argument equal to the model's tuple (--mrope-section 11 11 10)."""
+    sequences = (list, tuple)
+    return (
+        isinstance(given, sequences) and isinstance(value, sequences) and list(given) == list(value)
+    )
+
+
 def single(value: Any) -> Any:
     """The element of a one-element list, else `value`."""
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def check_gated_deltanet_heads(config: Any, tp: int, cp: int) -> None:
-    """megatron's Gated DeltaNet shards its heads over TP, and under CP trades sequence for heads
-    in an all-to-all: each TP rank's key and value heads must split evenly over CP."""
-    text = config.text
-    if "linear_attention" not in text.layer_types:
-        return
-    for kind, heads in (
-        ("key", text.linear_num_key_heads),
-        ("value", text.linear_num_value_heads),
-    ):
+def check_layout(args: argparse.Namespace, config: Any) -> None:
+    """The layout rules that depend on the model (from its spec's `ModelShape`): experts for EP,
+    heads that TP x CP split, the sequence length against the model's positions."""
+    spec = get_model_spec(args.model_name)
+    shape = spec.shape(config)
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    ep, name = args.expert_model_parallel_size, config.name
+    if ep > 1 and not shape.num_experts:
+        moe = [v for v, variant in spec.variants.items() if spec.shape(variant).num_experts]
+        raise ValueError(
+            f"{setting('--expert-model-parallel-size', ep)} needs a mixture-of-experts model, but "
+            f"{name} is dense; use EP=1" + (f" (or a MoE variant: {', '.join(moe)})" if moe else "")
+        )
+    if shape.num_experts % ep:
+        raise ValueError(
+            f"{setting('--expert-model-parallel-size', ep)}: the {shape.num_experts} experts of "
+            f"{name} do not split over it; use an EP dividing {shape.num_experts}"
+        )
+    for kind, heads in shape.tp_cp_heads.items():
         if heads % (tp * cp):
             raise ValueError(
-                f"Gated DeltaNet has {heads} {kind} heads, which do not split over TP {tp} x CP "
-                f"{cp} (megatron shards them over TP, then over CP in its all-to-all); choose TP "
-                f"x CP dividing {math.gcd(text.linear_num_key_heads, text.linear_num_value_heads)}"
+                f"{kind} heads: {name} has {heads}, which megatron shards over TP and then over "
+                f"CP in its all-to-all, and TP {tp} x CP {cp} does not divide them; choose TP x "
+                f"CP dividing {math.gcd(*shape.tp_cp_heads.values())}"
             )
+    if args.seq_length is not None and args.seq_length > shape.max_positions:
+        raise ValueError(
+            f"{setting('--seq-length', args.seq_length)}: above the {shape.max_positions} "
+            f"positions of {name} (max_position_embeddings); use SEQ_LEN={shape.max_positions} "
+            "or less"
+        )
 
 
 def pad_multiple_reason(args: argparse.Namespace) -> str:
@@ -440,13 +505,13 @@ def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
 def launcher_facts(argv: list[str]) -> dict[str, Any]:
     """What scripts/run_qwen35_vl.sh needs to know of the model that `argv` (the flags it passes
     to pretrain_multimodal.py, a --hf-config-path of the user's included) trains, after the
-    early checks: its routed experts (0 when dense), its position limit and its name."""
+    early checks and the model's layout rules: its routed experts (0 when dense) and its name."""
     args = preparse(argv)
     check_early(args)
     config = model_config_from_args(args)
+    check_layout(args, config)
     return {
-        "num_experts": config.text.num_experts,
-        "max_position_embeddings": config.text.max_position_embeddings,
+        "num_experts": get_model_spec(args.model_name).shape(config).num_experts,
         "name": config.name,
     }
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from models.spec import ModelShape
+
 GIB = 1024**3
 # Kept free of the estimate: the CUDA context, NCCL buffers, allocator fragmentation, and the
 # parts of the model the estimate leaves out (vision activations, MoE dispatch buffers).
@@ -202,37 +204,6 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate and the layout constraints need of a model."""
-
-    dense: int  # parameters outside the routed experts: vision, embeddings, MTP included
-    experts: int  # routed expert parameters, MTP layers included
-    hidden: int
-    layers: int  # decoder sub-layers (mixer and MLP of every layer), megatron's --num-layers
-    vocab: int
-    attention_heads: int
-    query_groups: int
-    gdn_heads: tuple[int, ...]  # Gated DeltaNet key and value heads; () without GDN layers
-    num_experts: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        counts, text = config.parameter_counts(), config.text
-        has_gdn = "linear_attention" in text.layer_types
-        return cls(
-            dense=counts.total + counts.mtp - counts.routed_experts,
-            experts=counts.routed_experts,
-            hidden=text.hidden_size,
-            layers=2 * text.num_hidden_layers,
-            vocab=text.vocab_size,
-            attention_heads=text.num_attention_heads,
-            query_groups=text.num_key_value_heads,
-            gdn_heads=(text.linear_num_key_heads, text.linear_num_value_heads) if has_gdn else (),
-            num_experts=text.num_experts or 0,
-        )
-
-
 def memory_plan(layout: Layout, model: ModelShape) -> dict[str, float]:
     """Rough per-GPU memory in GiB: bf16 weights, fp32 gradients, Adam state (fp32 master, m,
     v) sharded by the distributed optimizer or megatron-fsdp, and activations.
@@ -275,7 +246,7 @@ def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None =
         return f"world {world} is not divisible by ETP x EP x PP"
     if model.attention_heads % tp or model.query_groups % tp:
         return f"TP {tp} does not divide the attention heads and query groups"
-    if any(heads % (tp * cp) for heads in model.gdn_heads):
+    if any(heads % (tp * cp) for heads in model.tp_cp_heads.values()):
         return f"Gated DeltaNet heads do not split over TP {tp} x CP {cp}"
     if ep > 1 and (not model.num_experts or model.num_experts % ep):
         return f"EP {ep} does not divide the {model.num_experts} experts"
@@ -433,7 +404,7 @@ def validate_model_configs(args: argparse.Namespace, config: Any) -> list[str]:
     returns the flags that could not be checked without Transformer Engine."""
     from megatron.training.arguments import core_transformer_config_from_args
 
-    from models import get_model_entry
+    from models import get_model_spec
 
     config_args, skipped = args, []
     if not have_transformer_engine():
@@ -443,7 +414,7 @@ def validate_model_configs(args: argparse.Namespace, config: Any) -> list[str]:
             if getattr(args, flag, False):
                 setattr(config_args, flag, False)
                 skipped.append("--" + flag.replace("_", "-"))
-    get_model_entry(args.model_name).transformer_configs(
+    get_model_spec(args.model_name).transformer_configs(
         config, core_transformer_config_from_args(config_args), args.recompute_vision
     )
     return skipped
@@ -453,15 +424,14 @@ def print_dry_run_plan(args: argparse.Namespace, config: Any, log_path: str) -> 
     """Validate the model configs (megatron's output to `log_path`) and print the plan; returns
     '' when the layout fits the planned GPU, else a one-line reason to exit with."""
     from arguments import model_config_from_args, pad_multiple
-    from models import get_model_entry
-    from models.qwen35_vl.configuration import human_count
+    from models import get_model_spec
 
-    entry = get_model_entry(args.model_name)
+    spec = get_model_spec(args.model_name)
     with output_to(log_path):
         skipped = validate_model_configs(args, config)
-        data = entry.describe_dataset(args.dataset_provider, args, model_config_from_args(args))
-    counts, text = config.parameter_counts(), config.text
-    layout, model, gpu = Layout.from_args(args), ModelShape.from_config(config), planned_gpu()
+        provider = spec.dataset_provider(args.dataset_provider)
+        data = provider.describe(args, model_config_from_args(args))
+    layout, model, gpu = Layout.from_args(args), spec.shape(config), planned_gpu()
     if args.use_megatron_fsdp:
         sharding = f"megatron-fsdp ({args.data_parallel_sharding_strategy})"
     else:
@@ -475,20 +445,8 @@ def print_dry_run_plan(args: argparse.Namespace, config: Any, log_path: str) -> 
         f"{sharding}",
         f"  batch: micro {args.micro_batch_size}, global {args.global_batch_size}, "
         f"{args.total_seq_length} tokens per sample, {mode}, pad multiple {pad_multiple(args)}",
-        f"  decoder: {text.num_hidden_layers} layers "
-        f"({text.layer_types.count('linear_attention')} Gated DeltaNet, "
-        f"{text.layer_types.count('full_attention')} attention), hidden {text.hidden_size}, "
-        + (
-            f"MoE {text.num_experts} experts top-{text.num_experts_per_tok}"
-            if text.is_moe
-            else f"dense MLP {text.intermediate_size}"
-        )
-        + f", MTP layers {text.mtp_num_hidden_layers}",
-        f"  vision: {config.vision.depth} layers, hidden {config.vision.hidden_size}",
+        *(f"  {line}" for line in spec.describe(config)),
         *(f"  data: {line}" for line in data),
-        f"  parameters (HF-equivalent): total {counts.total:,} ({human_count(counts.total)}), "
-        f"active {counts.active:,} ({human_count(counts.active)}); vision "
-        f"{human_count(counts.vision)}; MTP +{counts.mtp:,} ({human_count(counts.mtp)})",
         "  memory per GPU (estimate, GiB):",
     ]
     plan = memory_plan(layout, model)

@@ -26,7 +26,7 @@ from arguments import (
 )
 from data.tokens import token_ids_from_args
 from megatron_compat import SavedArgs
-from models import get_model_entry
+from models import get_model_spec
 from planner import dry_run_log_path, output_to, planning_device, print_dry_run_plan
 
 NO_GPU = "no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
@@ -36,11 +36,10 @@ def resolved_model_config(args: argparse.Namespace) -> Any:
     """The model config with the special token ids of --hf-tokenizer-path, if given."""
     config = model_config_from_args(args)
     token_ids = token_ids_from_args(args)
-    too_large = {name: i for name, i in token_ids.items() if i >= config.text.vocab_size}
+    vocab = get_model_spec(args.model_name).shape(config).vocab
+    too_large = {name: i for name, i in token_ids.items() if i >= vocab}
     if too_large:
-        raise ValueError(
-            f"tokenizer ids {too_large} do not fit the model vocabulary ({config.text.vocab_size})"
-        )
+        raise ValueError(f"tokenizer ids {too_large} do not fit the model vocabulary ({vocab})")
     return config.with_token_ids(**token_ids)
 
 
@@ -58,7 +57,7 @@ def model_provider(
 
     args = get_args()
     base = config if config is not None else core_transformer_config_from_args(args)
-    return get_model_entry(args.model_name).build_model(
+    return get_model_spec(args.model_name).build_model(
         resolved_model_config(args),
         base,
         pg_collection or ProcessGroupCollection.use_mpu_process_groups(),
@@ -79,8 +78,8 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 
     args = get_args()
     config = resolved_model_config(args)
-    provider = get_model_entry(args.model_name).dataset_provider(args.dataset_provider)
-    splits = provider(args, config, train_val_test_num_samples)
+    provider = get_model_spec(args.model_name).dataset_provider(args.dataset_provider)
+    splits = provider.build(args, config, train_val_test_num_samples)
     collate = collate_config(args, config, splits)
     print_rank_0(
         f"> {args.dataset_provider} data: train {len(splits.train)}, valid {len(splits.valid)}, "
@@ -113,8 +112,7 @@ def collate_config(args: argparse.Namespace, config: Any, splits: Any) -> Any:
         mode=THD if args.packed_sequence else BSHD,
         seq_length=args.total_seq_length,
         pad_token_id=splits.pad_token_id,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
+        model_inputs=get_model_spec(args.model_name).model_inputs(config),
         pad_multiple=pad_multiple(args),
         ignored_label_ids=splits.ignored_label_ids,
     )
@@ -123,12 +121,13 @@ def collate_config(args: argparse.Namespace, config: Any, splits: Any) -> Any:
 def token_throughput(args: argparse.Namespace, config: Any) -> Any:
     """Tokens/s/GPU and model TFLOP/s/GPU (with MFU on GPUs whose peak is listed) every log
     interval, printed under megatron's iteration line and written to TensorBoard. The FLOPs come
-    from `scripts/bench/flops.py` (megatron's own TFLOP/s counts the text decoder only)."""
+    from the model spec's `training_flops` (megatron's own TFLOP/s counts the text decoder only)."""
     import torch
     from megatron.training import get_args, get_tensorboard_writer, print_rank_0
 
-    from data.throughput import TokenThroughput
-    from scripts.bench.flops import batch_training_flops, peak_tflops_of
+    from data.throughput import TokenThroughput, batch_lengths_and_grids, peak_tflops_of
+
+    spec = get_model_spec(args.model_name)
 
     peak = peak_tflops_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
@@ -156,7 +155,7 @@ def token_throughput(args: argparse.Namespace, config: Any) -> Any:
         model_parallel_gpus,
         lambda: getattr(get_args(), "curr_iteration", 0),
         report,
-        lambda batch: batch_training_flops(config, batch),
+        lambda batch: spec.training_flops(config, *batch_lengths_and_grids(batch)),
     )
 
 

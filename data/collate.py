@@ -1,7 +1,7 @@
 """Batch assembly for VLM samples: BSHD (pad every sample to the sequence length) or THD (pack the
-micro-batch into one row with cu_seqlens). Labels are shifted here, once; MRoPE positions, the
-vision-feature row of every image token and the vision tower's metadata are computed here too, on
-the CPU, so the training step needs no host synchronisation to build them.
+micro-batch into one row with cu_seqlens). Labels are shifted here, once; the model's position ids
+and vision inputs (its spec's `ModelInputs`) and the vision-feature row of every image token are
+computed here too, on the CPU, so the training step needs no host synchronisation to build them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.qwen35_vl.configuration import VisionConfig
-from models.qwen35_vl.mrope import build_mrope_position_ids
-from models.qwen35_vl.vision_inputs import VisionInputs
+from models.spec import ModelInputs
 
 from .load_report import LoadNotes
 
@@ -31,13 +29,13 @@ class CollateConfig:
     sample is padded to a multiple of `pad_multiple` (2 x CP x TP, as TE's THD context
     parallelism and sequence parallelism need) and the micro-batch becomes one packed row.
     `ignored_label_ids` are token ids never trained as targets (special tokens, pad, image).
+    `model_inputs` gives the model's image token, position ids and vision inputs.
     """
 
     mode: str
     seq_length: int
     pad_token_id: int
-    image_token_id: int
-    vision: VisionConfig
+    model_inputs: ModelInputs
     pad_multiple: int = 1
     ignored_label_ids: frozenset[int] = field(default_factory=frozenset)
 
@@ -78,15 +76,16 @@ def pack_or_pad_batch(samples: Sequence[dict[str, Any]], config: CollateConfig) 
 
     Returns per-token tensors shaped [B, S] (BSHD) or [1, T] (THD): `input_ids`, `labels`,
     `loss_mask` (float), `padding_mask` (True on padding), `vision_rows` (row of each image
-    token in the micro-batch's vision features, -1 elsewhere), `position_ids` [B, S, 3] (MRoPE
-    t/h/w; every packed sequence restarts at 0); THD adds `cu_seqlens`, `cu_seqlens_padded`
-    (int32) and `max_seqlen`; `vision` holds a `VisionInputs` (or None without images). The
+    token in the micro-batch's vision features, -1 elsewhere), `position_ids` [B, S, rows] (the
+    model's, e.g. MRoPE t/h/w; every packed sequence restarts at 0); THD adds `cu_seqlens`,
+    `cu_seqlens_padded` (int32) and `max_seqlen`; `vision` holds the model's vision inputs (or
+    None without images). The
     `load_notes` of the samples (`LoadNotes`), when any has some, travel on merged under the
     same key, for the loader to count in the main process.
     """
     if not samples:
         raise ValueError("cannot collate an empty micro-batch")
-    merge = config.vision.spatial_merge_size
+    inputs, image_token_id = config.model_inputs, config.model_inputs.image_token_id
     rows, pixel_values, grids = [], [], []
     vision_row_offset = 0
     for index, sample in enumerate(samples):
@@ -98,11 +97,11 @@ def pack_or_pad_batch(samples: Sequence[dict[str, Any]], config: CollateConfig) 
                 f"{config.seq_length}; raise --total-seq-length or truncate the sample"
             )
         grid = sample.get("image_grid_thw")
-        positions = build_mrope_position_ids(ids, grid, config.image_token_id, merge)
+        positions = inputs.positions(ids, grid)
         labels, loss_mask = shifted_labels_and_mask(
             ids, sample["supervised"].bool(), config.ignored_label_ids
         )
-        is_image = ids == config.image_token_id
+        is_image = ids == image_token_id
         vision_rows = torch.full_like(ids, -1)
         num_image_tokens = int(is_image.sum())
         vision_rows[is_image] = torch.arange(num_image_tokens) + vision_row_offset
@@ -119,7 +118,7 @@ def pack_or_pad_batch(samples: Sequence[dict[str, Any]], config: CollateConfig) 
     batch["vision"] = None
     if grids:
         grid_thw = torch.cat(grids).long()
-        batch["vision"] = VisionInputs.from_grids(torch.cat(pixel_values), grid_thw, config.vision)
+        batch["vision"] = inputs.vision_inputs(torch.cat(pixel_values), grid_thw)
     notes = LoadNotes.merge(sample["load_notes"] for sample in samples if "load_notes" in sample)
     if notes:
         batch["load_notes"] = notes
@@ -140,7 +139,9 @@ def _pad_sample(ids, labels, loss_mask, positions, vision_rows, padded_length, c
             [torch.zeros(length, dtype=torch.bool), torch.ones(pad, dtype=torch.bool)]
         ),
         "vision_rows": torch.cat([vision_rows, vision_rows.new_full((pad,), -1)]),
-        "position_ids": torch.cat([positions, pad_positions.expand(3, pad)], dim=1).T,
+        "position_ids": torch.cat(
+            [positions, pad_positions.expand(positions.shape[0], pad)], dim=1
+        ).T,
         "length": length,
     }
 

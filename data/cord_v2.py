@@ -290,6 +290,28 @@ def find_shards(dataset_path: str, split: str) -> list[str]:
     )
 
 
+def check_args(args: Any) -> None:
+    """Before any run: --dataset-path and --hf-tokenizer-path are given, and every split this
+    provider reads has parquet shards under the former."""
+    from arguments import LAUNCHER_VARIABLES, flag_value
+
+    for flag, value in (
+        ("--dataset-path", args.dataset_path),
+        ("--hf-tokenizer-path", args.hf_tokenizer_path),
+    ):
+        if not value:
+            raise ValueError(
+                f"the cord_v2 dataset needs {flag} ({LAUNCHER_VARIABLES[flag]}), a local "
+                "directory (README, CORD-V2)"
+            )
+    for split in SPLIT_FILES.values():
+        try:
+            find_shards(args.dataset_path, split)
+        except ValueError as error:
+            where = flag_value("--dataset-path", args.dataset_path)
+            raise ValueError(f"{where}: {error}") from error
+
+
 def describe_dataset(args: Any, config: Any) -> list[str]:
     """What a dry run reads without a GPU: each split's shards and rows (parquet metadata only),
     the tokenizer and image processor of --hf-tokenizer-path, and the image token id the data

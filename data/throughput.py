@@ -1,7 +1,7 @@
 """Tokens and model FLOP/s per GPU for megatron's training log: the training loader is wrapped so
 every micro-batch's real (non-padding) tokens and model FLOPs are counted on the CPU, with no GPU
 sync, and the wall clock between iteration starts gives the rates. Intervals that contain an
-evaluation are dropped.
+evaluation are dropped. Also the GPUs' bf16 peaks and MFU, shared with the benchmark.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+# Dense (no sparsity) bf16 peaks, TFLOP/s.
+PEAK_BF16_TFLOPS: dict[str, float] = {"H100 SXM": 989.0, "H200": 989.0}
 
 # (iteration as megatron logs it, tokens/s/GPU, FLOP/s/GPU, first and last iteration)
 Report = Callable[[int, float, float, int, int], None]
@@ -81,3 +84,36 @@ def counted(loader: Iterator[dict[str, Any]], on_batch: Callable[[dict[str, Any]
     for batch in loader:
         on_batch(batch)
         yield batch
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU named like `torch.cuda.get_device_name()`, if listed (the H100
+    SXM reports itself as "NVIDIA H100 80GB HBM3"; PCIe and NVL boards have lower peaks)."""
+    if "H200" in device_name:
+        return PEAK_BF16_TFLOPS["H200"]
+    if "H100" in device_name and "HBM3" in device_name:
+        return PEAK_BF16_TFLOPS["H100 SXM"]
+    return None
+
+
+def mfu(
+    flops_per_step: float, step_seconds: float, num_gpus: int, peak_tflops: float = 989.0
+) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over `num_gpus` x `peak_tflops` TFLOP/s."""
+    if step_seconds <= 0 or num_gpus <= 0 or peak_tflops <= 0:
+        raise ValueError("step_seconds, num_gpus and peak_tflops must be positive")
+    return flops_per_step / (step_seconds * num_gpus * peak_tflops * 1e12)
+
+
+def batch_lengths_and_grids(
+    batch: dict[str, Any],
+) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """A collated micro-batch's real (unpadded) sequence lengths, from `cu_seqlens` (THD) or the
+    padding mask (BSHD), and its images' patch grids: what a model's `training_flops` takes."""
+    if batch.get("cu_seqlens") is not None:
+        lengths = batch["cu_seqlens"].diff().tolist()
+    else:
+        lengths = (~batch["padding_mask"]).sum(dim=1).tolist()
+    vision = batch.get("vision")
+    grids = [] if vision is None else [tuple(grid) for grid in vision.grid_thw.tolist()]
+    return lengths, grids

@@ -42,7 +42,7 @@ def first_global_batch(config, args: argparse.Namespace) -> list[tuple[dict, dic
     for the mock provider at micro-batch 1 and data-parallel size 1."""
     from arguments import add_multimodal_args
     from data.loader import build_loader
-    from models import get_model_entry
+    from models import get_model_spec
     from pretrain_multimodal import collate_config
 
     data_args = add_multimodal_args(argparse.ArgumentParser()).parse_args([])
@@ -51,8 +51,8 @@ def first_global_batch(config, args: argparse.Namespace) -> list[tuple[dict, dic
     data_args.tensor_model_parallel_size = data_args.context_parallel_size = 1
     data_args.sequence_parallel = False
     data_args.seed = args.seed
-    provider = get_model_entry("qwen35_vl").dataset_provider("mock")
-    splits = provider(data_args, config, (args.train_iters * args.gbs, 0, 0))
+    provider = get_model_spec("qwen35_vl").dataset_provider("mock")
+    splits = provider.build(data_args, config, (args.train_iters * args.gbs, 0, 0))
     collate = collate_config(data_args, config, splits)
     recorded = RecordingDataset(splits.train)
     loader = build_loader(recorded, collate, 0, 1, 0, 1, num_workers=0)

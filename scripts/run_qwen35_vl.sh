@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train Qwen3.5-VL with megatron-core: every knob is an environment variable (see README), extra
+# Train a registered vision-language model (MODEL, default qwen35_vl: Qwen3.5-VL) with
+# megatron-core: every knob is an environment variable (see README), extra
 # arguments are passed on to pretrain_multimodal.py. DRY_RUN=1 validates the whole configuration
 # on the CPU (megatron's own argument checks, model configs, parameter counts, memory per GPU).
 #   MODEL_VARIANT=proxy ./scripts/run_qwen35_vl.sh
@@ -15,7 +16,7 @@ else PYTHON=python3; fi
 # --help needs neither a GPU nor the checks below.
 case " $* " in *" --help "*|*" -h "*) exec "$PYTHON" pretrain_multimodal.py --help ;; esac
 
-MODEL_VARIANT=${MODEL_VARIANT:-proxy}
+MODEL=${MODEL:-qwen35_vl}; MODEL_VARIANT=${MODEL_VARIANT:-proxy}
 TP=${TP:-1}; CP=${CP:-1}; EP=${EP:-1}; PP=${PP:-1}; FSDP=${FSDP:-0}
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}
 if [ -z "${GPUS_PER_NODE:-}" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
@@ -31,7 +32,7 @@ NUM_WORKERS=${NUM_WORKERS:-2}
 TRAIN_ITERS=${TRAIN_ITERS:-300}; LR=${LR:-3e-4}; MIN_LR=${MIN_LR:-}
 WARMUP_ITERS=${WARMUP_ITERS:-10}; SEED=${SEED:-1234}
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}; EVAL_ITERS=${EVAL_ITERS:-2}
-RUN_DIR=${RUN_DIR:-runs/qwen35_vl_${MODEL_VARIANT}}
+RUN_DIR=${RUN_DIR:-runs/${MODEL}_${MODEL_VARIANT}}
 TB_DIR=${TB_DIR:-$RUN_DIR/tensorboard}
 CKPT_SAVE=${CKPT_SAVE:-}; CKPT_LOAD=${CKPT_LOAD:-}; CKPT_RESUME=${CKPT_RESUME:-1}
 SAVE_INTERVAL=${SAVE_INTERVAL:-100}
@@ -156,7 +157,7 @@ check_checkpoint_to_load() {
 
 # ---- megatron arguments --------------------------------------------------------------------------
 ARGS=(
-  --model-name qwen35_vl --model-variant "$MODEL_VARIANT"
+  --model-name "$MODEL" --model-variant "$MODEL_VARIANT"
   --tensor-model-parallel-size "$TP" --context-parallel-size "$CP"
   --expert-model-parallel-size "$EP" --pipeline-model-parallel-size "$PP"
   --cp-comm-type "$CP_COMM_TYPE"
@@ -225,29 +226,23 @@ fi
 source scripts/torch_cudnn.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # arguments.py runs its early checks (variant, dataset provider and shards, tokenizer directory,
-# the checkpoint's config.json and MTP tensors) on the flags pretrain_multimodal.py will get and
-# prints the model's routed experts, position limit and name, or the bad flag's message.
+# the checkpoint's config.json and MTP tensors) and the model's layout rules (EP and its experts,
+# heads TP x CP must split, SEQ_LEN against the positions) on the flags pretrain_multimodal.py will
+# get and prints the model's routed experts and name, or the bad flag's message.
 # Library warnings of the lookup go to a file, so that the plan or the run's output stands alone.
 mkdir -p "$RUN_DIR"
 if ! facts=$("$PYTHON" -m arguments "${ARGS[@]}" "$@" 2>>"$RUN_DIR/launcher_checks.log"); then
   facts=${facts##*$'\n'}
   die "${facts:-python -m arguments failed: see $RUN_DIR/launcher_checks.log}"
 fi
-read -r NUM_EXPERTS MAX_POSITIONS MODEL <<< "${facts##*$'\n'}"
-if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EP" -gt 1 ]; then
-  die "EP=$EP needs a mixture-of-experts model, but $MODEL is dense; use EP=1 (or a MoE variant: proxy-moe, 35b_a3b, 122b_a10b, 397b)"
-fi
+read -r NUM_EXPERTS TRAINED <<< "${facts##*$'\n'}"
 if [ "$NUM_EXPERTS" -eq 0 ] && [ "$FORCE_LOAD_BALANCING" = 1 ]; then
-  die "FORCE_LOAD_BALANCING=1 balances the experts of a MoE model, and $MODEL is dense; use FORCE_LOAD_BALANCING=0"
-fi
-if [ "$NUM_EXPERTS" -gt 0 ] && [ $((NUM_EXPERTS % EP)) -ne 0 ]; then
-  die "EP=$EP: the $NUM_EXPERTS experts of $MODEL do not split over it; use an EP dividing $NUM_EXPERTS"
+  die "FORCE_LOAD_BALANCING=1 balances the experts of a MoE model, and $TRAINED is dense; use FORCE_LOAD_BALANCING=0"
 fi
 # megatron lays dense layers out as TP x CP x DP x PP and experts as ETP x EP x expert-DP x PP
 # (ETP = TP), so EP spans CP and DP ranks and need not divide the world with CP.
 expert_parallel=$((TP * EP * PP))
 [ $((WORLD_SIZE % expert_parallel)) -eq 0 ] || die "EP=$EP: world size $WORLD_SIZE is not divisible by TP x EP x PP = $TP x $EP x $PP = $expert_parallel (megatron's expert layout); use an EP that makes TP x EP x PP divide $WORLD_SIZE"
-[ "$SEQ_LEN" -le "$MAX_POSITIONS" ] || die "SEQ_LEN=$SEQ_LEN: above the $MAX_POSITIONS positions of $MODEL (max_position_embeddings); use SEQ_LEN=$MAX_POSITIONS or less"
 if [ "$NUM_EXPERTS" -gt 0 ]; then
   ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)
   [ "$FORCE_LOAD_BALANCING" = 1 ] && ARGS+=(--moe-router-force-load-balancing)

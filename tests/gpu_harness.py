@@ -22,6 +22,7 @@ import torch.distributed as dist
 from data.collate import CollateConfig, pack_or_pad_batch
 from data.mock import interleaved_sample
 from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionConfig
+from models.qwen35_vl.vision_inputs import SampleInputs
 
 TINY_TOKENS = dict(
     image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003
@@ -213,8 +214,7 @@ def collate(
         mode=mode,
         seq_length=seq_length,
         pad_token_id=0,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
+        model_inputs=SampleInputs.of(config),
         pad_multiple=pad_multiple,
         ignored_label_ids=special,
     )

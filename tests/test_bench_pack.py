@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.qwen35_vl.flops import training_flops
 from scripts.bench.bench_vs_hf import bench_config, make_pack, make_row, rates
-from scripts.bench.flops import training_flops
 
 
 @pytest.mark.parametrize("cp", [1, 2, 8])

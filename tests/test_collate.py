@@ -13,7 +13,7 @@ from data.collate import BSHD, THD, CollateConfig, pack_or_pad_batch, shifted_la
 from data.load_report import LoadNotes
 from data.mock import MockTokens, MockVLMDataset
 from models.qwen35_vl.configuration import get_variant
-from models.qwen35_vl.vision_inputs import VisionInputs
+from models.qwen35_vl.vision_inputs import SampleInputs, VisionInputs
 
 CONFIG = get_variant("proxy")
 TOKENS = MockTokens.for_model(CONFIG)
@@ -29,8 +29,7 @@ def collate_config(
         mode=mode,
         seq_length=seq_length,
         pad_token_id=TOKENS.pad,
-        image_token_id=IMAGE,
-        vision=CONFIG.vision,
+        model_inputs=SampleInputs.of(CONFIG),
         pad_multiple=pad_multiple,
         ignored_label_ids=ignored,
     )

@@ -38,6 +38,7 @@ from data.load_report import LoadReport
 from data.loader import build_loader
 from data.tokens import special_token_ids
 from models.qwen35_vl.configuration import VisionConfig, get_variant
+from models.qwen35_vl.vision_inputs import SampleInputs
 from scripts.cord_fixture import (
     EXIF_ORIENTATION,
     SIDEWAYS_ROW,
@@ -92,8 +93,7 @@ def collate_config(tokenizer, mode, mask_im_end=False):
         mode=mode,
         seq_length=SEQ,
         pad_token_id=pad_token_id(tokenizer),
-        image_token_id=image_token_id(tokenizer),
-        vision=VisionConfig(),
+        model_inputs=SampleInputs(image_token_id(tokenizer), VisionConfig()),
         ignored_label_ids=ignored_label_ids(tokenizer, mask_im_end),
     )
 
@@ -159,7 +159,7 @@ def test_labels_and_loss_mask_through_collate_bshd(train, samples, mask_im_end):
     special = torch.tensor(sorted(config.ignored_label_ids))
     assert not loss_mask[torch.isin(labels, special)].any()
     assert not loss_mask[length:].any() and batch["padding_mask"][0, length:].all()
-    image_id = config.image_token_id
+    image_id = config.model_inputs.image_token_id
     assert int((ids == image_id).sum()) == int(sample["image_grid_thw"].prod()) // 4
     assert batch["vision"].pixel_values.dtype == torch.bfloat16
 
@@ -406,8 +406,7 @@ def test_provider_returns_splits_and_feeds_the_loader(clean):
         mode=THD,
         seq_length=SEQ,
         pad_token_id=splits.pad_token_id,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
+        model_inputs=SampleInputs.of(config),
         ignored_label_ids=splits.ignored_label_ids,
     )
     loader = build_loader(splits.train, collate, 0, 2, 0, 1, num_workers=0)

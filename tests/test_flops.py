@@ -1,6 +1,7 @@
-"""CPU checks of scripts/bench/flops.py: every part against a hand count on tiny dense and MoE
-configs (two packed sequences of 100 and 28 tokens, one 1x4x6 image), the scaling with sequence
-length and the MFU arithmetic.
+"""CPU checks of the FLOPs model (models/qwen35_vl/flops.py, the spec's `training_flops`): every
+part against a hand count on tiny dense and MoE configs (two packed sequences of 100 and 28
+tokens, one 1x4x6 image), the scaling with sequence length, a collated batch's FLOPs as the
+training log counts them, and the MFU arithmetic (data/throughput.py).
 """
 
 import dataclasses
@@ -11,15 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.throughput import PEAK_BF16_TFLOPS, batch_lengths_and_grids, mfu, peak_tflops_of
+from models import get_model_spec
 from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionConfig
-from scripts.bench.flops import (
-    PEAK_BF16_TFLOPS,
-    FlopsBreakdown,
-    batch_training_flops,
-    mfu,
-    peak_tflops_of,
-    training_flops,
-)
+from models.qwen35_vl.flops import FlopsBreakdown, training_flops
 
 LENGTHS = [100, 28]
 GRIDS = [(1, 4, 6)]
@@ -207,7 +203,9 @@ def test_batch_flops_use_real_lengths_and_image_grids(mode: str) -> None:
     grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
     batch = collate(samples, config, mode, seq_length=256, pad_multiple=8)
     expected = training_flops(config, lengths, grids).total
-    assert batch_training_flops(config, batch) == pytest.approx(expected, rel=1e-12)
+    spec = get_model_spec("qwen35_vl")
+    counted = spec.training_flops(config, *batch_lengths_and_grids(batch))
+    assert counted == pytest.approx(expected, rel=1e-12)
     assert len(grids) == 3 and max(lengths) < 256  # padding present, three images
 
 

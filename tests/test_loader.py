@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from data.collate import BSHD, CollateConfig
 from data.loader import build_loader
 from models.qwen35_vl.configuration import get_variant
+from models.qwen35_vl.vision_inputs import SampleInputs
 
 SAMPLES = 40
 
@@ -28,8 +29,7 @@ COLLATE = CollateConfig(
     mode=BSHD,
     seq_length=2,
     pad_token_id=0,
-    image_token_id=10**6,
-    vision=get_variant("proxy").vision,
+    model_inputs=SampleInputs(10**6, get_variant("proxy").vision),
 )
 
 

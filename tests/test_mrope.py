@@ -22,6 +22,7 @@ from models.qwen35_vl.mrope import (
     build_mrope_position_ids,
     mrope_axis_per_frequency,
 )
+from models.qwen35_vl.vision_inputs import SampleInputs
 
 CONFIG = get_variant("proxy")
 IMAGE = CONFIG.image_token_id
@@ -135,8 +136,7 @@ def test_thd_pack_restarts_positions_per_sample():
         mode=THD,
         seq_length=256,
         pad_token_id=0,
-        image_token_id=IMAGE,
-        vision=CONFIG.vision,
+        model_inputs=SampleInputs(IMAGE, CONFIG.vision),
         pad_multiple=8,
     )
     batch = pack_or_pad_batch(samples, config)

@@ -13,13 +13,14 @@ import sys
 
 import pytest
 
+from models import get_model_spec
 from models.qwen35_vl.configuration import get_variant
+from models.spec import ModelShape
 from planner import (
     DRY_RUN_LOG,
     GIB,
     GPUS,
     Layout,
-    ModelShape,
     dry_run_log_path,
     layout_problem,
     memory_plan,
@@ -34,7 +35,7 @@ H100 = usable_bytes(GPUS["h100"])
 
 
 def shape(variant: str) -> ModelShape:
-    return ModelShape.from_config(get_variant(variant))
+    return get_model_spec("qwen35_vl").shape(get_variant(variant))
 
 
 def test_moe_experts_split_over_ep_times_etp():

@@ -146,7 +146,8 @@ class Qwen35VLConfig:
 
     def language_transformer_fields(self) -> dict[str, Any]:
         """Architecture fields of the language `TransformerConfig` (parallelism, precision and
-        fusions come from Megatron's arguments)."""
+        fusions come from Megatron's arguments); with `spec.model_args` the one source of the
+        architecture flags megatron is given (`arguments.architecture_argv`)."""
         import torch.nn.functional as F
 
         t = self.text
@@ -193,53 +194,6 @@ class Qwen35VLConfig:
                 moe_token_dispatcher_type="alltoall",
             )
         return fields
-
-    def megatron_args(self) -> list[str]:
-        """Megatron command-line flags describing this architecture, so megatron's own parsing,
-        validation and FLOPs accounting see the same model the factory builds."""
-        t = self.text
-        flags = [
-            f"--hybrid-layer-pattern={self.hybrid_layer_pattern()}",
-            f"--hidden-size={t.hidden_size}",
-            f"--ffn-hidden-size={t.intermediate_size or t.moe_intermediate_size}",
-            f"--num-attention-heads={t.num_attention_heads}",
-            "--group-query-attention",
-            f"--num-query-groups={t.num_key_value_heads}",
-            f"--kv-channels={t.head_dim}",
-            f"--max-position-embeddings={t.max_position_embeddings}",
-            "--position-embedding-type=none",
-            "--normalization=RMSNorm",
-            "--apply-layernorm-1p",
-            f"--norm-epsilon={t.rms_norm_eps}",
-            "--swiglu",
-            "--disable-bias-linear",
-            "--qk-layernorm",
-            "--attention-output-gate",
-            "--attention-dropout=0.0",
-            "--hidden-dropout=0.0",
-            f"--linear-conv-kernel-dim={t.linear_conv_kernel_dim}",
-            f"--linear-key-head-dim={t.linear_key_head_dim}",
-            f"--linear-value-head-dim={t.linear_value_head_dim}",
-            f"--linear-num-key-heads={t.linear_num_key_heads}",
-            f"--linear-num-value-heads={t.linear_num_value_heads}",
-            f"--vocab-size={t.vocab_size}",
-        ]
-        if not t.tie_word_embeddings:
-            flags.append("--untie-embeddings-and-output-weights")
-        if t.is_moe:
-            flags += [
-                f"--num-experts={t.num_experts}",
-                f"--moe-router-topk={t.num_experts_per_tok}",
-                f"--moe-ffn-hidden-size={t.moe_intermediate_size}",
-                f"--moe-shared-expert-intermediate-size={t.shared_expert_intermediate_size}",
-                "--moe-shared-expert-gate",
-                "--moe-router-score-function=softmax",
-                "--moe-router-load-balancing-type=aux_loss",
-                f"--moe-aux-loss-coeff={t.router_aux_loss_coef}",
-                "--moe-grouped-gemm",
-                "--moe-token-dispatcher-type=alltoall",
-            ]
-        return flags
 
     def vision_transformer_fields(self) -> dict[str, Any]:
         """Architecture fields of the vision tower's `TransformerConfig`."""

@@ -1,6 +1,7 @@
-"""Vision inputs of one micro-batch: pixel patches plus the metadata the vision tower needs
-(attention boundaries, rotary and learned-position indices), computed once on the CPU in the data
-path so the training step does no host synchronisation for them.
+"""Model inputs built in the data path: a micro-batch's vision inputs (pixel patches plus the
+metadata the vision tower needs: attention boundaries, rotary and learned-position indices) and
+each sample's MRoPE position ids, computed once on the CPU so the training step does no host
+synchronisation for them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from transformers.vision_utils import (
     get_vision_position_ids,
 )
 
-from .configuration import VisionConfig
+from .configuration import Qwen35VLConfig, VisionConfig
+from .mrope import build_mrope_position_ids
 
 
 @dataclass
@@ -68,3 +70,23 @@ class VisionInputs:
             for name, value in vars(self).items()
         }
         return VisionInputs(**moved)
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    """What the collate asks of Qwen3.5-VL (`models.spec.ModelInputs`): a sample's MRoPE position
+    ids [3, L] and a micro-batch's `VisionInputs`."""
+
+    image_token_id: int
+    vision: VisionConfig
+
+    @classmethod
+    def of(cls, config: Qwen35VLConfig) -> SampleInputs:
+        return cls(config.image_token_id, config.vision)
+
+    def positions(self, input_ids: Tensor, image_grid_thw: Tensor | None) -> Tensor:
+        merge = self.vision.spatial_merge_size
+        return build_mrope_position_ids(input_ids, image_grid_thw, self.image_token_id, merge)
+
+    def vision_inputs(self, pixel_values: Tensor, image_grid_thw: Tensor) -> VisionInputs:
+        return VisionInputs.from_grids(pixel_values, image_grid_thw, self.vision)

@@ -538,6 +538,16 @@ def _large_vision(out_hidden_size: int) -> VisionConfig:
     return VisionConfig(out_hidden_size=out_hidden_size)
 
 
+# The proxies' vision tower: 4 blocks, three of them feeding DeepStack levels like the releases.
+_PROXY_VISION = VisionConfig(
+    depth=4,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_heads=4,
+    out_hidden_size=512,
+    deepstack_visual_indexes=(0, 1, 2),
+)
+
 _HF = "Hugging Face Hub config.json of"
 
 VARIANTS: dict[str, Qwen3VLConfig] = {
@@ -554,14 +564,7 @@ VARIANTS: dict[str, Qwen3VLConfig] = {
             intermediate_size=1536,
             tie_word_embeddings=True,
         ),
-        vision=VisionConfig(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_heads=4,
-            out_hidden_size=512,
-            deepstack_visual_indexes=(0, 1, 2),
-        ),
+        vision=_PROXY_VISION,
         source="playground proxy (not a released model)",
     ),
     "proxy-moe": Qwen3VLConfig(
@@ -577,14 +580,7 @@ VARIANTS: dict[str, Qwen3VLConfig] = {
             moe_intermediate_size=128,
             tie_word_embeddings=True,
         ),
-        vision=VisionConfig(
-            depth=4,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_heads=4,
-            out_hidden_size=512,
-            deepstack_visual_indexes=(0, 1, 2),
-        ),
+        vision=_PROXY_VISION,
         source="playground proxy with the 30B-A3B MoE structure (not a released model)",
     ),
     # Released models: text_config / vision_config values of the Instruct checkpoints (the

@@ -19,7 +19,7 @@ TE layers (weight gradients added to the fp32 grads by megatron DDP, as training
 single BSHD row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration`
 with its grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when
 installed); the pack is one 8192-token row there, as HF has no packed-sequence path for Qwen3.5.
-FLOPs come from scripts/bench/flops.py (3 x forward; the MoE counts active experts only).
+FLOPs come from models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ sys.path.insert(0, REPO)
 
 from data.collate import BSHD, THD, CollateConfig, pack_or_pad_batch  # noqa: E402
 from data.mock import interleaved_sample  # noqa: E402
+from data.throughput import mfu, peak_tflops_of  # noqa: E402
 from models.qwen35_vl.configuration import get_variant, interleaved_layer_types  # noqa: E402
-from scripts.bench.flops import mfu, peak_tflops_of, training_flops  # noqa: E402
+from models.qwen35_vl.flops import training_flops  # noqa: E402
+from models.qwen35_vl.vision_inputs import SampleInputs  # noqa: E402
 
 # (text segment lengths, image sizes (h, w)): mixed lengths, 1-2 images each.
 PACK_SAMPLES = [
@@ -106,8 +108,7 @@ def bench_collate(config, mode: str, seq_length: int, cp: int) -> CollateConfig:
         mode=mode,
         seq_length=seq_length,
         pad_token_id=0,
-        image_token_id=config.image_token_id,
-        vision=config.vision,
+        model_inputs=SampleInputs.of(config),
         pad_multiple=math.lcm(8, 2 * cp),
     )
 
@@ -330,7 +331,9 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     peak = peak_tflops_of(device)
     if peak is None:
-        raise SystemExit(f"no bf16 peak listed for {device!r} in scripts/bench/flops.py")
+        raise SystemExit(
+            f"no bf16 peak listed for {device!r} in data/throughput.py (PEAK_BF16_TFLOPS)"
+        )
 
     results = {
         "device": device,

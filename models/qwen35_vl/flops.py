@@ -1,4 +1,4 @@
-"""FLOPs model for Qwen3.5-VL training steps.
+"""FLOPs model for Qwen3.5-VL training steps (the spec's `training_flops`; the benchmark's split).
 
 Counts matmul FLOPs only, a multiply-add being 2 FLOPs; norms, activations, rotary, softmax,
 gates, the embedding lookup and the losses are not counted. A step is described by the lengths of
@@ -48,9 +48,6 @@ Forward FLOPs per part (L_full / L_lin = full attention / Gated DeltaNet layers)
   each frame (`get_vision_cu_seqlens`: gh*gw patches, t frames; for an image t = 1 and this is
   N^2), QK^T and PV t * 2 * 2 * (gh*gw)^2 * h_v; vision_merger: fc1 on the N/m^2 merged tokens
   2*(N/m^2)*(m^2*h_v)*(m^2*h_v), fc2 2*(N/m^2)*(m^2*h_v)*out_hidden_size.
-
-`mfu` = FLOPs per step / (step seconds * GPUs * peak FLOP/s); `PEAK_BF16_TFLOPS` lists dense
-(no sparsity) bf16 peaks.
 """
 
 from __future__ import annotations
@@ -59,11 +56,10 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.qwen35_vl.configuration import FULL_ATTENTION, Qwen35VLConfig, TextConfig
+from .configuration import FULL_ATTENTION, Qwen35VLConfig, TextConfig
 
 GDN_CHUNK_SIZE = 64
 TRAINING_MULTIPLIER = 3  # forward + backward (2 x forward)
-PEAK_BF16_TFLOPS: dict[str, float] = {"H100 SXM": 989.0, "H200": 989.0}
 
 
 @dataclass(frozen=True)
@@ -206,34 +202,3 @@ def training_flops(
     return FlopsBreakdown(
         **{name: float(TRAINING_MULTIPLIER * flops) for name, flops in forward.items()}
     )
-
-
-def batch_training_flops(config: Qwen35VLConfig, batch: dict) -> float:
-    """`training_flops` of one collated micro-batch (`data.collate`): real (unpadded) sequence
-    lengths from `cu_seqlens` (THD) or the padding mask (BSHD), grids from its vision inputs."""
-    if batch.get("cu_seqlens") is not None:
-        lengths = batch["cu_seqlens"].diff().tolist()
-    else:
-        lengths = (~batch["padding_mask"]).sum(dim=1).tolist()
-    vision = batch.get("vision")
-    grids = [] if vision is None else [tuple(grid) for grid in vision.grid_thw.tolist()]
-    return training_flops(config, lengths, grids).total
-
-
-def peak_tflops_of(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU named like `torch.cuda.get_device_name()`, if listed (the H100
-    SXM reports itself as "NVIDIA H100 80GB HBM3"; PCIe and NVL boards have lower peaks)."""
-    if "H200" in device_name:
-        return PEAK_BF16_TFLOPS["H200"]
-    if "H100" in device_name and "HBM3" in device_name:
-        return PEAK_BF16_TFLOPS["H100 SXM"]
-    return None
-
-
-def mfu(
-    flops_per_step: float, step_seconds: float, num_gpus: int, peak_tflops: float = 989.0
-) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over `num_gpus` x `peak_tflops` TFLOP/s."""
-    if step_seconds <= 0 or num_gpus <= 0 or peak_tflops <= 0:
-        raise ValueError("step_seconds, num_gpus and peak_tflops must be positive")
-    return flops_per_step / (step_seconds * num_gpus * peak_tflops * 1e12)

@@ -1,0 +1,138 @@
+"""Qwen3.5-VL's `ModelSpec`: the registry's one entry point into this folder. It binds the
+configuration, the factory, the FLOPs model and the dataset providers to the callables the
+generic entry points use; the other files of the folder depend on megatron-core, TE, torch and
+transformers only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+from models.spec import DatasetProvider, ModelShape, ModelSpec
+
+from . import configuration, flops
+from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35VLConfig, human_count
+from .vision_inputs import SampleInputs
+
+
+def build_model(config: Qwen35VLConfig, base: Any, pg_collection: Any, **options: Any) -> Any:
+    """`factory.build_model`, imported on use: megatron-core's import prints library warnings,
+    which the dry run keeps out of its plan."""
+    from .factory import build_model as build
+
+    return build(config, base, pg_collection, **options)
+
+
+def transformer_configs(config: Qwen35VLConfig, base: Any, recompute_vision: bool = False) -> Any:
+    """`factory.transformer_configs`, imported on use (see `build_model`)."""
+    from .factory import transformer_configs as configs
+
+    return configs(config, base, recompute_vision)
+
+
+def model_args(config: Qwen35VLConfig) -> dict[str, Any]:
+    """Megatron arguments of the architecture that are not `TransformerConfig` fields, by dest:
+    the layer pattern (it sets megatron's layer count and MTP depth), vocabulary, positions
+    (MRoPE is applied by the model, so megatron adds none) and the untied output layer."""
+    text = config.text
+    return {
+        "hybrid_layer_pattern": config.hybrid_layer_pattern(),
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "position_embedding_type": "none",
+        "untie_embeddings_and_output_weights": not text.tie_word_embeddings,
+    }
+
+
+def shape(config: Qwen35VLConfig) -> ModelShape:
+    counts, text = config.parameter_counts(), config.text
+    gated_deltanet = LINEAR_ATTENTION in text.layer_types
+    return ModelShape(
+        dense=counts.total + counts.mtp - counts.routed_experts,
+        experts=counts.routed_experts,
+        hidden=text.hidden_size,
+        layers=2 * text.num_hidden_layers,
+        vocab=text.vocab_size,
+        attention_heads=text.num_attention_heads,
+        query_groups=text.num_key_value_heads,
+        # megatron shards Gated DeltaNet heads over TP, then over CP in its all-to-all.
+        tp_cp_heads={
+            "Gated DeltaNet key": text.linear_num_key_heads,
+            "Gated DeltaNet value": text.linear_num_value_heads,
+        }
+        if gated_deltanet
+        else {},
+        num_experts=text.num_experts or 0,
+        mtp_layers=text.mtp_num_hidden_layers,
+        max_positions=text.max_position_embeddings,
+    )
+
+
+def training_flops(
+    config: Qwen35VLConfig,
+    sequence_lengths: Sequence[int],
+    image_grids: Sequence[tuple[int, int, int]],
+) -> float:
+    return flops.training_flops(config, list(sequence_lengths), list(image_grids)).total
+
+
+def describe(config: Qwen35VLConfig) -> list[str]:
+    """The dry run's lines about the architecture and its parameter counts."""
+    text, vision, counts = config.text, config.vision, config.parameter_counts()
+    mlp = (
+        f"MoE {text.num_experts} experts top-{text.num_experts_per_tok}"
+        if text.is_moe
+        else f"dense MLP {text.intermediate_size}"
+    )
+    return [
+        f"decoder: {text.num_hidden_layers} layers "
+        f"({text.layer_types.count(LINEAR_ATTENTION)} Gated DeltaNet, "
+        f"{text.layer_types.count(FULL_ATTENTION)} attention), hidden {text.hidden_size}, "
+        f"{mlp}, MTP layers {text.mtp_num_hidden_layers}",
+        f"vision: {vision.depth} layers, hidden {vision.hidden_size}",
+        f"parameters (HF-equivalent): total {counts.total:,} ({human_count(counts.total)}), "
+        f"active {counts.active:,} ({human_count(counts.active)}); vision "
+        f"{human_count(counts.vision)}; MTP +{counts.mtp:,} ({human_count(counts.mtp)})",
+    ]
+
+
+def dataset_provider(module: str) -> DatasetProvider:
+    """`data.<module>`'s `build_datasets`, `describe_dataset` and `check_args` (when it has one),
+    imported on use: the data modules pull in image and parquet libraries (seconds) that a
+    registry lookup does not need."""
+
+    def build(args: Any, config: Any, samples: tuple[int, int, int]) -> Any:
+        return importlib.import_module(f"data.{module}").build_datasets(args, config, samples)
+
+    def describe(args: Any, config: Any) -> list[str]:
+        return importlib.import_module(f"data.{module}").describe_dataset(args, config)
+
+    def check(args: Any) -> None:
+        check_args = getattr(importlib.import_module(f"data.{module}"), "check_args", None)
+        if check_args is not None:
+            check_args(args)
+
+    return DatasetProvider(build, describe, check)
+
+
+SPEC = ModelSpec(
+    name="qwen35_vl",
+    variants=configuration.VARIANTS,
+    variant_aliases=configuration.VARIANT_ALIASES,
+    get_variant=configuration.get_variant,
+    from_hf_config=configuration.from_hf_config,
+    build_model=build_model,
+    transformer_configs=transformer_configs,
+    language_fields=Qwen35VLConfig.language_transformer_fields,
+    model_args=model_args,
+    shape=shape,
+    model_inputs=SampleInputs.of,
+    training_flops=training_flops,
+    describe=describe,
+    dataset_providers={
+        "mock": dataset_provider("mock"),
+        "cord_v2": dataset_provider("cord_v2"),
+    },
+)
