@@ -54,6 +54,34 @@ class DatasetProvider:
 
 
 @dataclass(frozen=True)
+class WeightConversion:
+    """How one model's weights move between an HF checkpoint and megatron's distributed checkpoint
+    (`scripts/convert_hf_checkpoint.py`). A rule maps HF tensors to one megatron tensor (`.hf`,
+    `.megatron`, `.expert`, `.to_hf(tensor, hf_shapes)`); chunks are the DCP entries of a megatron
+    tensor in the `torch_dist` or `fsdp_dtensor` layout.
+
+    - `config_with_tensors(config, names, megatron)`: the config of a checkpoint whose tensor
+      names (HF names, or megatron keys when `megatron`) are `names` (e.g. its MTP depth).
+    - `unused_hf_tensors(config)`: HF tensors a checkpoint may hold that the model does not use,
+      with the reason (a tied output layer stored anyway).
+    - `fsdp_dtensor_tp_note`: why `fsdp_dtensor` checkpoints must be TP=1, or '' when any TP fits.
+    """
+
+    rules: Callable[[Any], list[Any]]
+    hf_tensor_shapes: Callable[[Any], dict[str, tuple[int, ...]]]
+    megatron_shape: Callable[[Any, dict[str, tuple[int, ...]]], tuple[int, ...]]
+    shard_for_tensor_parallel: Callable[[Any, Tensor, int, int], Tensor]
+    torch_dist_chunks: Callable[[Any, tuple[int, ...], Any], list[Any]]
+    fsdp_dtensor_chunks: Callable[[Any, tuple[int, ...]], list[Any]]
+    extra_state_objects: Callable[[list[Any], Any], list[Any]]
+    check_names: Callable[[str, set[str], set[str]], None]  # KeyError listing missing / unexpected
+    config_with_tensors: Callable[[Any, set[str], bool], Any]
+    unused_hf_tensors: Callable[[Any], dict[str, str]]
+    fsdp_model_prefix: str
+    fsdp_dtensor_tp_note: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One architecture. `config` below is the model's own configuration dataclass (a variant,
     or one read from an HF config); the generic code passes it along without reading it.
@@ -68,6 +96,7 @@ class ModelSpec:
     - `training_flops(config, sequence_lengths, image_grids)`: model FLOPs of one training step
       (3 x forward) for the throughput log.
     - `describe(config)`: the dry run's lines about the architecture.
+    - `weights`: the `WeightConversion` of the HF checkpoint converter.
     """
 
     name: str
@@ -83,6 +112,7 @@ class ModelSpec:
     model_inputs: Callable[[Any], ModelInputs]
     training_flops: Callable[[Any, Sequence[int], Sequence[tuple[int, int, int]]], float]
     describe: Callable[[Any], list[str]]
+    weights: WeightConversion
     dataset_providers: Mapping[str, DatasetProvider] = field(default_factory=dict)
 
     def variant_names(self) -> list[str]:

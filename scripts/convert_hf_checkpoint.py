@@ -1,6 +1,7 @@
-"""Convert Qwen3.5-VL weights between a Hugging Face checkpoint and a megatron-core distributed
-checkpoint (`torch_dist`, or Megatron-FSDP's `fsdp_dtensor`), streaming tensor by tensor (peak
-memory stays near one output part, not the model).
+"""Convert a registered model's weights (`--model`, default qwen35_vl; its spec's
+`WeightConversion`) between a Hugging Face checkpoint and a megatron-core distributed checkpoint
+(`torch_dist`, or Megatron-FSDP's `fsdp_dtensor`), streaming tensor by tensor (peak memory stays
+near one output part, not the model).
 
     python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out CKPT [--tp 2 --ep 4]
     python scripts/convert_hf_checkpoint.py import --hf-path HF_DIR --out CKPT --format fsdp_dtensor
@@ -31,6 +32,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -52,22 +54,10 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from models.qwen35_vl.checkpoint_layout import (  # noqa: E402
-    FSDP_MODEL_PREFIX,
-    TensorChunk,
-    extra_state_objects,
-    fsdp_dtensor_chunks,
-    megatron_shape,
-    tensor_chunks,
-)
-from models.qwen35_vl.configuration import Qwen35VLConfig, from_hf_config  # noqa: E402
-from models.qwen35_vl.hf_weights import (  # noqa: E402
-    WeightRule,
-    check_names,
-    hf_tensor_shapes,
-    shard_for_tensor_parallel,
-    weight_rules,
-)
+from models import get_model_spec  # noqa: E402
+from models.spec import ModelSpec  # noqa: E402
+
+DEFAULT_MODEL = "qwen35_vl"
 
 # One process writes and reads the whole checkpoint; DCP warns about that on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -216,20 +206,20 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_hf_config(directory: str, source: TensorSource) -> Qwen35VLConfig:
-    """Our config from the checkpoint's config.json; MTP depth from the tensors present
-    (transformers' save_pretrained writes none)."""
+def load_hf_config(spec: ModelSpec, directory: str, tensor_names: set[str]) -> Any:
+    """Our config from the checkpoint's config.json, completed from the tensors present (e.g.
+    the MTP depth: transformers' save_pretrained writes no MTP tensors)."""
     from transformers import AutoConfig
 
-    config = from_hf_config(AutoConfig.from_pretrained(directory), name=directory)
-    has_mtp = any(name.startswith("mtp.") for name in source.names())
-    return config.with_mtp_layers(1 if has_mtp else 0)
+    config = spec.from_hf_config(AutoConfig.from_pretrained(directory), name=directory)
+    return spec.weights.config_with_tensors(config, tensor_names, False)
 
 
 def check_layout(
-    rules: list[WeightRule],
+    spec: ModelSpec,
+    rules: list[Any],
     megatron_shapes: dict[str, tuple[int, ...]],
-    config: Qwen35VLConfig,
+    config: Any,
     tp: int,
     ep: int,
 ) -> None:
@@ -241,12 +231,13 @@ def check_layout(
             continue
         full = torch.empty(megatron_shapes[rule.megatron], device="meta")
         try:
-            shard_for_tensor_parallel(rule, full, 0, tp)
+            spec.weights.shard_for_tensor_parallel(rule, full, 0, tp)
         except ValueError as error:
             problems.append(str(error))
-    if config.text.num_experts and config.text.num_experts % ep:
-        problems.append(f"{config.text.num_experts} experts do not split over EP {ep}")
-    if ep > 1 and not config.text.num_experts:
+    experts = spec.shape(config).num_experts
+    if experts and experts % ep:
+        problems.append(f"{experts} experts do not split over EP {ep}")
+    if ep > 1 and not experts:
         problems.append(f"EP {ep} needs a MoE model; this one is dense")
     if problems:
         raise ValueError(f"layout TP={tp} EP={ep} does not fit the model: " + "; ".join(problems))
@@ -299,7 +290,7 @@ class DistCheckpointWriter:
         self.parts: list[Metadata] = []
 
     def add_tensor(
-        self, chunk: TensorChunk, dtype: torch.dtype, produce: Callable[[], torch.Tensor]
+        self, chunk: Any, dtype: torch.dtype, produce: Callable[[], torch.Tensor]
     ) -> None:
         offsets = torch.Size(chunk.offset)
         item = WriteItem(
@@ -384,7 +375,7 @@ class _LastTensor:
     def __init__(self, source: TensorSource) -> None:
         self.source, self.rule, self.tensor = source, None, None
 
-    def chunk(self, rule: WeightRule, chunk: TensorChunk) -> torch.Tensor:
+    def chunk(self, rule: Any, chunk: Any) -> torch.Tensor:
         if rule is not self.rule:
             self.rule, self.tensor = None, None
             self.tensor = rule.to_megatron([self.source.get(n) for n in rule.hf])
@@ -399,13 +390,15 @@ def import_checkpoint(
     ep: int = 1,
     max_bytes: int = DEFAULT_SHARD_BYTES,
     megatron_format: str = TORCH_DIST,
+    model: str = DEFAULT_MODEL,
 ) -> dict:
     """HF safetensors -> megatron `torch_dist` or `fsdp_dtensor` release checkpoint in `out`."""
-    if megatron_format == FSDP_DTENSOR and tp != 1:
+    spec = get_model_spec(model)
+    weights = spec.weights
+    if megatron_format == FSDP_DTENSOR and tp != 1 and weights.fsdp_dtensor_tp_note:
         raise ValueError(
-            f"--format fsdp_dtensor with --tp {tp}: megatron-core 0.19's FSDP checkpoints keep "
-            "Gated DeltaNet's fused in_proj / conv1d in the TP layout of the run that wrote them; "
-            "import for TP=1 (any EP / DP), or use torch_dist for TP>1"
+            f"--format fsdp_dtensor with --tp {tp}: {weights.fsdp_dtensor_tp_note}; import for "
+            "TP=1 (any EP / DP), or use torch_dist for TP>1"
         )
     if not os.path.isdir(hf_path):
         raise FileNotFoundError(f"--hf-path {hf_path}: no such directory")
@@ -415,39 +408,38 @@ def import_checkpoint(
             "checkpoint (config.json and the safetensors shards)"
         )
     source = TensorSource(hf_path)
-    config = load_hf_config(hf_path, source)
-    rules = weight_rules(config)
-    if config.text.tie_word_embeddings and "lm_head.weight" in source.names():
-        # Some tied checkpoints store the head anyway; the model reuses the embedding.
-        print("lm_head.weight ignored: the config ties the output layer to the embedding")
-        source.weight_map.pop("lm_head.weight")
-    model = f"{config.text.num_hidden_layers}-layer Qwen3.5{'-MoE' if config.text.is_moe else ''}"
-    check_names(
-        f"checkpoint tensors do not match a {model} model",
+    config = load_hf_config(spec, hf_path, source.names())
+    rules = weights.rules(config)
+    for name, reason in weights.unused_hf_tensors(config).items():
+        if name in source.names():
+            print(f"{name} ignored: {reason}")
+            source.weight_map.pop(name)
+    weights.check_names(
+        f"checkpoint tensors do not match the {spec.name} model of its config.json",
         {name for rule in rules for name in rule.hf},
         source.names(),
     )
-    hf_shapes = hf_tensor_shapes(config)
-    shapes = {rule.megatron: megatron_shape(rule, hf_shapes) for rule in rules}
-    check_layout(rules, shapes, config, tp, ep)
+    hf_shapes = weights.hf_tensor_shapes(config)
+    shapes = {rule.megatron: weights.megatron_shape(rule, hf_shapes) for rule in rules}
+    check_layout(spec, rules, shapes, config, tp, ep)
     # Reading every dtype opens every shard's header: a damaged shard stops us before writing.
     planned = [
         (rule, chunk, source.dtype(rule.hf[0]))
         for rule in rules
-        for chunk in checkpoint_chunks(megatron_format, rule, shapes[rule.megatron], config)
+        for chunk in checkpoint_chunks(spec, megatron_format, rule, shapes[rule.megatron], config)
     ]
     writer = DistCheckpointWriter(os.path.join(out, "release"), max_bytes)
     progress = Progress(len(planned), "import (chunks)")
     last = _LastTensor(source)
 
-    def produce(rule: WeightRule, chunk: TensorChunk) -> torch.Tensor:
+    def produce(rule: Any, chunk: Any) -> torch.Tensor:
         tensor = last.chunk(rule, chunk)
         progress.step(tensor.nbytes)
         return tensor
 
     for rule, chunk, dtype in planned:
         writer.add_tensor(chunk, dtype, lambda r=rule, c=chunk: produce(r, c))
-    for key, value in checkpoint_objects(megatron_format, rules, config).items():
+    for key, value in checkpoint_objects(spec, megatron_format, rules, config).items():
         writer.add_object(key, value)
     writer.close(megatron_format)
     with open(os.path.join(out, TRACKER_FILE), "w") as f:
@@ -457,15 +449,15 @@ def import_checkpoint(
 
 
 def checkpoint_chunks(
-    megatron_format: str, rule: WeightRule, shape: tuple[int, ...], config: Qwen35VLConfig
-) -> list[TensorChunk]:
+    spec: ModelSpec, megatron_format: str, rule: Any, shape: tuple[int, ...], config: Any
+) -> list[Any]:
     if megatron_format == TORCH_DIST:
-        return tensor_chunks(rule, shape, config)
-    return fsdp_dtensor_chunks(rule, shape)
+        return spec.weights.torch_dist_chunks(rule, shape, config)
+    return spec.weights.fsdp_dtensor_chunks(rule, shape)
 
 
 def checkpoint_objects(
-    megatron_format: str, rules: list[WeightRule], config: Qwen35VLConfig
+    spec: ModelSpec, megatron_format: str, rules: list[Any], config: Any
 ) -> dict[str, object]:
     """The non-tensor entries megatron's loader asks for, by DCP key."""
     if megatron_format == FSDP_DTENSOR:
@@ -476,7 +468,7 @@ def checkpoint_objects(
 
     objects: dict[str, object] = {
         ShardedObject(obj.key, None, obj.global_shape, obj.offset).unique_key: [obj.value()]
-        for obj in extra_state_objects(rules, config)
+        for obj in spec.weights.extra_state_objects(rules, config)
     }
     common = {"checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
     objects[ShardedObject("common_state", None, (1,), (0,)).unique_key] = [common]
@@ -537,10 +529,14 @@ def export_checkpoint(
     out: str,
     hf_config_dir: str | None = None,
     max_bytes: int = DEFAULT_SHARD_BYTES,
+    model: str = DEFAULT_MODEL,
 ) -> dict:
     """megatron checkpoint (torch_dist or fsdp_dtensor) -> HF safetensors; the HF config comes from
     `hf_config_dir` or, by default, the one `import` kept next to the checkpoint."""
     from transformers import AutoConfig
+
+    spec = get_model_spec(model)
+    weights = spec.weights
 
     config_dir = hf_config_dir or megatron_path
     if not os.path.exists(os.path.join(config_dir, "config.json")):
@@ -550,20 +546,17 @@ def export_checkpoint(
     directory = resolve_checkpoint_dir(megatron_path)
     megatron_format = checkpoint_format(directory)
     checkpoint = CheckpointTensors(directory)
-    if megatron_format == FSDP_DTENSOR:
-        check_fsdp_tensor_parallel(checkpoint)
-    model_prefix = FSDP_MODEL_PREFIX if megatron_format == FSDP_DTENSOR else ""
-    mtp_prefix = model_prefix + "language_model.mtp."
-    has_mtp = any(key.startswith(mtp_prefix) for key in checkpoint.metadata)
-    config = from_hf_config(AutoConfig.from_pretrained(config_dir), name=config_dir)
-    config = config.with_mtp_layers(1 if has_mtp else 0)
-    rules = weight_rules(config)
-    hf_shapes = hf_tensor_shapes(config)
+    if megatron_format == FSDP_DTENSOR and weights.fsdp_dtensor_tp_note:
+        check_fsdp_tensor_parallel(checkpoint, weights.fsdp_dtensor_tp_note)
+    config = spec.from_hf_config(AutoConfig.from_pretrained(config_dir), name=config_dir)
+    config = weights.config_with_tensors(config, set(checkpoint.metadata), True)
+    rules = weights.rules(config)
+    hf_shapes = weights.hf_tensor_shapes(config)
     writer = ShardWriter(out, "model", max_bytes)
     progress = Progress(len(rules), "export")
     for rule in rules:
-        shape = megatron_shape(rule, hf_shapes)
-        chunks = checkpoint_chunks(megatron_format, rule, shape, config)
+        shape = weights.megatron_shape(rule, hf_shapes)
+        chunks = checkpoint_chunks(spec, megatron_format, rule, shape, config)
         full = torch.empty(shape, dtype=checkpoint.get(chunks[0].key).dtype)
         for chunk in chunks:
             stored = checkpoint.get(chunk.key)
@@ -579,9 +572,9 @@ def export_checkpoint(
     return {"tensors": len(rules), "peak_memory_mib": peak_memory_mib()}
 
 
-def check_fsdp_tensor_parallel(checkpoint: CheckpointTensors) -> None:
-    """Refuse FSDP checkpoints trained with TP>1 (their Gated DeltaNet tensors are in TP layout);
-    imported ones carry no arguments and are TP=1 by construction."""
+def check_fsdp_tensor_parallel(checkpoint: CheckpointTensors, note: str) -> None:
+    """Refuse FSDP checkpoints trained with TP>1 (`note` says why the model needs TP=1); imported
+    ones carry no arguments and are TP=1 by construction."""
     if "args" not in checkpoint.metadata:
         return
     saved = checkpoint.get_object("args")
@@ -589,11 +582,11 @@ def check_fsdp_tensor_parallel(checkpoint: CheckpointTensors) -> None:
     if tp != 1:
         raise ValueError(
             f"{checkpoint.directory}: an fsdp_dtensor checkpoint saved with TP={tp}; export "
-            "reads TP=1 ones (Gated DeltaNet's fused tensors are stored in the run's TP layout)"
+            f"reads TP=1 ones ({note})"
         )
 
 
-def check_global_shape(chunk: TensorChunk, stored: torch.Tensor) -> None:
+def check_global_shape(chunk: Any, stored: torch.Tensor) -> None:
     if tuple(stored.shape) != chunk.global_shape:
         raise ValueError(
             f"{chunk.key}: checkpoint holds shape {tuple(stored.shape)}, the config gives "
@@ -623,16 +616,21 @@ def main() -> None:
     exp.add_argument("--hf-config", help="HF config directory (default: the one import kept)")
     for command in (imp, exp):
         command.add_argument("--max-shard-gib", type=float, default=2.0)
+        command.add_argument(
+            "--model", default=DEFAULT_MODEL, help="registry entry (models/__init__.py)"
+        )
     args = parser.parse_args()
     max_bytes = int(args.max_shard_gib * 1024**3)
     start = time.perf_counter()
     try:
         if args.command == "import":
             result = import_checkpoint(
-                args.hf_path, args.out, args.tp, args.ep, max_bytes, args.format
+                args.hf_path, args.out, args.tp, args.ep, max_bytes, args.format, args.model
             )
         else:
-            result = export_checkpoint(args.megatron_path, args.out, args.hf_config, max_bytes)
+            result = export_checkpoint(
+                args.megatron_path, args.out, args.hf_config, max_bytes, args.model
+            )
     except (ValueError, OSError, KeyError) as error:
         # Bad input (a missing or damaged file, an occupied --out, tensors or a layout that do
         # not fit the model) is one line; KeyError's str() would quote its message.

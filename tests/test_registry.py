@@ -15,7 +15,7 @@ import pytest
 
 from arguments import architecture_dests, megatron_flags
 from models import MODEL_REGISTRY, get_model_spec
-from models.spec import DatasetProvider, ModelSpec
+from models.spec import DatasetProvider, ModelSpec, WeightConversion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_VARIANTS = [
@@ -38,10 +38,14 @@ def test_registry_entries_are_model_specs_named_by_their_key():
     for name, spec in MODEL_REGISTRY.items():
         assert isinstance(spec, ModelSpec) and spec.name == name
         assert get_model_spec(name) is spec
+        data = ("name", "variants", "variant_aliases", "dataset_providers", "weights")
         for field in dataclasses.fields(ModelSpec):
-            value = getattr(spec, field.name)
-            if field.name not in ("name", "variants", "variant_aliases", "dataset_providers"):
-                assert callable(value), f"{name}.{field.name} is not callable"
+            if field.name not in data:
+                assert callable(getattr(spec, field.name)), f"{name}.{field.name} is not callable"
+        for field in dataclasses.fields(WeightConversion):
+            value = getattr(spec.weights, field.name)
+            if not field.name.startswith("fsdp_"):
+                assert callable(value), f"{name}.weights.{field.name} is not callable"
         assert all(isinstance(p, DatasetProvider) for p in spec.dataset_providers.values())
 
 

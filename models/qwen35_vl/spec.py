@@ -10,9 +10,9 @@ import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from models.spec import DatasetProvider, ModelShape, ModelSpec
+from models.spec import DatasetProvider, ModelShape, ModelSpec, WeightConversion
 
-from . import configuration, flops
+from . import checkpoint_layout, configuration, flops, hf_weights
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35VLConfig, human_count
 from .vision_inputs import SampleInputs
 
@@ -117,6 +117,39 @@ def dataset_provider(module: str) -> DatasetProvider:
     return DatasetProvider(build, describe, check)
 
 
+def config_with_tensors(config: Qwen35VLConfig, names: set[str], megatron: bool) -> Qwen35VLConfig:
+    """The MTP depth a checkpoint has: one layer when its MTP tensors are there (transformers'
+    `save_pretrained` writes none; megatron keys may carry the FSDP prefix)."""
+    marker = hf_weights.MEGATRON_TEXT + "mtp." if megatron else "mtp."
+    has_mtp = any(name.startswith(marker) or ("." + marker) in name for name in names)
+    return config.with_mtp_layers(1 if has_mtp else 0)
+
+
+def unused_hf_tensors(config: Qwen35VLConfig) -> dict[str, str]:
+    if config.text.tie_word_embeddings:
+        return {"lm_head.weight": "the config ties the output layer to the embedding"}
+    return {}
+
+
+WEIGHTS = WeightConversion(
+    rules=hf_weights.weight_rules,
+    hf_tensor_shapes=hf_weights.hf_tensor_shapes,
+    megatron_shape=checkpoint_layout.megatron_shape,
+    shard_for_tensor_parallel=hf_weights.shard_for_tensor_parallel,
+    torch_dist_chunks=checkpoint_layout.tensor_chunks,
+    fsdp_dtensor_chunks=checkpoint_layout.fsdp_dtensor_chunks,
+    extra_state_objects=checkpoint_layout.extra_state_objects,
+    check_names=hf_weights.check_names,
+    config_with_tensors=config_with_tensors,
+    unused_hf_tensors=unused_hf_tensors,
+    fsdp_model_prefix=checkpoint_layout.FSDP_MODEL_PREFIX,
+    fsdp_dtensor_tp_note=(
+        "megatron-core 0.19's FSDP checkpoints keep Gated DeltaNet's fused in_proj / conv1d in "
+        "the TP layout of the run that wrote them"
+    ),
+)
+
+
 SPEC = ModelSpec(
     name="qwen35_vl",
     variants=configuration.VARIANTS,
@@ -131,6 +164,7 @@ SPEC = ModelSpec(
     model_inputs=SampleInputs.of,
     training_flops=training_flops,
     describe=describe,
+    weights=WEIGHTS,
     dataset_providers={
         "mock": dataset_provider("mock"),
         "cord_v2": dataset_provider("cord_v2"),
