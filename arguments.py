@@ -35,8 +35,6 @@ LAUNCHER_VARIABLES = {
 # A tokenizer directory holds at least one of these (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-# Checkpoint keys of the MTP layers, in torch_dist and (after "model.module.") fsdp_dtensor.
-MTP_KEY = "language_model.mtp."
 
 DEFAULT_MIN_PIXELS = 4 * 32 * 32  # 4 merged tokens
 DEFAULT_MAX_PIXELS = 1280 * 32 * 32  # 1280 merged tokens
@@ -311,7 +309,8 @@ def check_checkpoint_model(args: argparse.Namespace, config: Any) -> None:
                 f"{where} holds another model than {model}: its config.json has "
                 f"{', '.join(differences[:4])}; {fix}"
             )
-    mtp_layers = get_model_spec(args.model_name).shape(config).mtp_layers
+    spec = get_model_spec(args.model_name)
+    mtp_layers = spec.shape(config).mtp_layers
     directory = checkpoint_directory(args.load)
     if not mtp_layers or directory is None:
         return
@@ -326,11 +325,12 @@ def check_checkpoint_model(args: argparse.Namespace, config: Any) -> None:
         raise ValueError(
             f"{where}: {metadata} does not read as a distributed checkpoint ({error})"
         ) from error
-    if not any(MTP_KEY in key for key in keys):
+    stored = spec.weights.config_with_tensors(config, set(keys), True)
+    if not spec.shape(stored).mtp_layers:
         raise ValueError(
-            f"{where} has no MTP tensors ({MTP_KEY}*: imported from a checkpoint without mtp.* "
-            f"tensors, such as transformers' save_pretrained) but the model trained has "
-            f"{mtp_layers} MTP layer(s); set MTP_NUM_LAYERS=0 (--mtp-num-layers 0)"
+            f"{where} has no MTP tensors (imported from a checkpoint without them, such as "
+            f"transformers' save_pretrained) but the model trained has {mtp_layers} MTP "
+            "layer(s); set MTP_NUM_LAYERS=0 (--mtp-num-layers 0)"
         )
 
 
