@@ -1,0 +1,473 @@
+"""Hugging Face <-> megatron weight mapping for Qwen3-VL (dense and MoE), one rule per megatron
+tensor. The megatron names here are the contract for the megatron model (GPTModel with the
+Transformer Engine layer spec under `language_model.`, a qwen35-style vision tower under
+`vision.`); `shard_for_tensor_parallel` gives the slice a TP rank holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .configuration import Qwen3VLConfig
+
+HF_TEXT = "model.language_model."
+HF_VISION = "model.visual."
+HF_LM_HEAD = "lm_head.weight"
+MEGATRON_TEXT = "language_model."
+MEGATRON_VISION = "vision."
+
+# How a megatron tensor is split over tensor-parallel ranks.
+REPLICATED = "replicated"
+COLUMN = "column"  # split dim 0 (output features); `sections` split each section separately
+ROW = "row"  # split dim 1 (input features)
+
+# Layouts of the routed experts of an HF MoE state dict:
+# "transformers": transformers' in-memory modules, `mlp.experts.gate_up_proj` [E, 2I, H] (gate
+#   rows then up rows, concatenated, not interleaved) and `mlp.experts.down_proj` [E, H, I];
+# "checkpoint": the released safetensors, same names transposed, [E, H, 2I] and [E, I, H]
+#   (transformers' loader transposes them, see its conversion_mapping for qwen3_vl_moe);
+# "per_expert": `mlp.experts.{e}.{gate,up,down}_proj.weight`, the names the rules use (one HF
+#   tensor per megatron expert tensor, as Qwen3-MoE text checkpoints store them).
+EXPERT_LAYOUTS = ("transformers", "checkpoint", "per_expert")
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One megatron tensor and the HF tensors it is made of.
+
+    `kind`: "copy" (one tensor), "concat" (HF tensors stacked along dim 0), "qkv" (q_proj,
+    k_proj, v_proj -> megatron's fused layout, per query group [q heads of the group, k, v]),
+    "vision_qkv" (HF [q; k; v] -> per head [q, k, v], i.e. one query group per head),
+    "patch_embed" (Conv3d kernel -> linear weight). `tp` / `sections` describe the TP split;
+    `expert` marks a routed-expert tensor (placed by expert parallelism, never TP-split here).
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str = "copy"
+    tp: str = REPLICATED
+    sections: tuple[int, ...] = ()
+    heads: tuple[int, int, int] = (0, 0, 0)  # (query heads, query groups, head dim), qkv kinds
+    expert: bool = False
+
+    def to_megatron(self, tensors: list[Tensor]) -> Tensor:
+        """The megatron tensor from the HF tensors named by `hf`, in that order."""
+        if self.kind == "copy":
+            return tensors[0]
+        if self.kind == "concat":
+            return torch.cat(tensors, dim=0)
+        if self.kind == "patch_embed":
+            return tensors[0].reshape(tensors[0].shape[0], -1)
+        heads, groups, dim = self.heads
+        if self.kind == "vision_qkv":
+            qkv = tensors[0]
+            return qkv.reshape(3, heads, dim, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
+        if self.kind == "qkv":
+            q, k, v = tensors
+            rest = q.shape[1:]  # (H,) for weights, () for biases
+            parts = [
+                q.reshape(groups, heads // groups * dim, *rest),
+                k.reshape(groups, dim, *rest),
+                v.reshape(groups, dim, *rest),
+            ]
+            return torch.cat(parts, dim=1).reshape(-1, *rest)
+        raise ValueError(f"{self.megatron}: unknown rule kind {self.kind!r}")
+
+    def to_hf(self, tensor: Tensor, hf_shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        """The HF tensors (shapes `hf_shapes`, in `hf` order) from the megatron tensor."""
+        if self.kind == "copy":
+            return [tensor]
+        if self.kind == "concat":
+            return list(torch.split(tensor, [shape[0] for shape in hf_shapes], dim=0))
+        if self.kind == "patch_embed":
+            return [tensor.reshape(hf_shapes[0])]
+        heads, groups, dim = self.heads
+        rest = tensor.shape[1:]
+        if self.kind == "vision_qkv":
+            return [tensor.reshape(heads, 3, dim, *rest).transpose(0, 1).reshape(tensor.shape)]
+        if self.kind == "qkv":
+            per_group = heads // groups
+            grouped = tensor.reshape(groups, (per_group + 2) * dim, *rest)
+            q, k, v = torch.split(grouped, [per_group * dim, dim, dim], dim=1)
+            return [part.reshape(-1, *rest) for part in (q, k, v)]
+        raise ValueError(f"{self.megatron}: unknown rule kind {self.kind!r}")
+
+
+# ---- rules -----------------------------------------------------------------------------------
+
+
+def _vision_layer_rules(config: Qwen3VLConfig, i: int) -> Iterator[WeightRule]:
+    """One vision block. Naming: megatron TransformerBlock `vision.blocks` (so `.layers.{i}.`)
+    with TE's fused LayerNorm-linear modules, exactly as qwen35's vision tower: norm1 becomes
+    `linear_qkv.layer_norm_*`, norm2 `mlp.linear_fc1.layer_norm_*` (LayerNorm with bias)."""
+    v = config.vision
+    meg, hf = f"{MEGATRON_VISION}blocks.layers.{i}.", f"{HF_VISION}blocks.{i}."
+    attn, mlp = meg + "self_attention.", meg + "mlp."
+    yield WeightRule(attn + "linear_qkv.layer_norm_weight", (hf + "norm1.weight",))
+    yield WeightRule(attn + "linear_qkv.layer_norm_bias", (hf + "norm1.bias",))
+    for suffix in ("weight", "bias"):
+        # num_query_groups == num_heads in the vision tower (plain multi-head attention).
+        yield WeightRule(
+            f"{attn}linear_qkv.{suffix}",
+            (f"{hf}attn.qkv.{suffix}",),
+            "vision_qkv",
+            COLUMN,
+            heads=(v.num_heads, v.num_heads, v.head_dim),
+        )
+    # Row-parallel biases are added after the all-reduce, so every rank holds them whole.
+    yield WeightRule(attn + "linear_proj.weight", (hf + "attn.proj.weight",), tp=ROW)
+    yield WeightRule(attn + "linear_proj.bias", (hf + "attn.proj.bias",))
+    yield WeightRule(mlp + "linear_fc1.layer_norm_weight", (hf + "norm2.weight",))
+    yield WeightRule(mlp + "linear_fc1.layer_norm_bias", (hf + "norm2.bias",))
+    yield WeightRule(mlp + "linear_fc1.weight", (hf + "mlp.linear_fc1.weight",), tp=COLUMN)
+    yield WeightRule(mlp + "linear_fc1.bias", (hf + "mlp.linear_fc1.bias",), tp=COLUMN)
+    yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.linear_fc2.weight",), tp=ROW)
+    yield WeightRule(mlp + "linear_fc2.bias", (hf + "mlp.linear_fc2.bias",))
+
+
+def _merger_rules(meg: str, hf: str) -> Iterator[WeightRule]:
+    """A patch merger: a LayerNorm module `norm` (TENorm, not fused into fc1, because HF
+    normalises before the 2x2 merge for the final merger) and a megatron MLP `mlp` with
+    column-parallel fc1 and row-parallel fc2, as qwen35's PatchMerger."""
+    yield WeightRule(meg + "norm.weight", (hf + "norm.weight",))
+    yield WeightRule(meg + "norm.bias", (hf + "norm.bias",))
+    yield WeightRule(meg + "mlp.linear_fc1.weight", (hf + "linear_fc1.weight",), tp=COLUMN)
+    yield WeightRule(meg + "mlp.linear_fc1.bias", (hf + "linear_fc1.bias",), tp=COLUMN)
+    yield WeightRule(meg + "mlp.linear_fc2.weight", (hf + "linear_fc2.weight",), tp=ROW)
+    yield WeightRule(meg + "mlp.linear_fc2.bias", (hf + "linear_fc2.bias",))
+
+
+def _vision_rules(config: Qwen3VLConfig) -> Iterator[WeightRule]:
+    # The patch embedding is an nn.Linear over the flattened (C, T, P, P) patch (a Conv3d whose
+    # kernel equals its stride), named `vision.patch_embed`; the learned position table is an
+    # nn.Embedding `vision.pos_embed` (bilinearly interpolated by the model, as in HF).
+    yield WeightRule(
+        MEGATRON_VISION + "patch_embed.weight",
+        (HF_VISION + "patch_embed.proj.weight",),
+        "patch_embed",
+    )
+    yield WeightRule(MEGATRON_VISION + "patch_embed.bias", (HF_VISION + "patch_embed.proj.bias",))
+    yield WeightRule(MEGATRON_VISION + "pos_embed.weight", (HF_VISION + "pos_embed.weight",))
+    for i in range(config.vision.depth):
+        yield from _vision_layer_rules(config, i)
+    yield from _merger_rules(MEGATRON_VISION + "merger.", HF_VISION + "merger.")
+    # DeepStack: one merger per entry of deepstack_visual_indexes, in that order, in an
+    # nn.ModuleList `vision.deepstack_mergers` (index k, not the block index it reads); their
+    # LayerNorm is over the merged vector (hidden * merge^2), applied after the 2x2 merge.
+    for k in range(len(config.vision.deepstack_visual_indexes)):
+        yield from _merger_rules(
+            f"{MEGATRON_VISION}deepstack_mergers.{k}.", f"{HF_VISION}deepstack_merger_list.{k}."
+        )
+
+
+def _attention_rules(config: Qwen3VLConfig, meg: str, hf: str) -> Iterator[WeightRule]:
+    """Self-attention of one decoder layer: TE's LayerNorm-fused linear_qkv (input_layernorm),
+    per-head-dim RMSNorms on q and k (qk_layernorm=True), row-parallel linear_proj."""
+    t = config.text
+    attn = meg + "self_attention."
+    heads = (t.num_attention_heads, t.num_key_value_heads, t.head_dim)
+    yield WeightRule(attn + "linear_qkv.layer_norm_weight", (hf + "input_layernorm.weight",))
+    yield WeightRule(
+        attn + "linear_qkv.weight",
+        tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"),
+        "qkv",
+        COLUMN,
+        heads=heads,
+    )
+    if t.attention_bias:
+        # HF's attention_bias gives q/k/v and o biases (megatron: add_qkv_bias plus a bias on
+        # linear_proj; none of the released models has them).
+        yield WeightRule(
+            attn + "linear_qkv.bias",
+            tuple(f"{hf}self_attn.{p}_proj.bias" for p in "qkv"),
+            "qkv",
+            COLUMN,
+            heads=heads,
+        )
+    yield WeightRule(attn + "q_layernorm.weight", (hf + "self_attn.q_norm.weight",))
+    yield WeightRule(attn + "k_layernorm.weight", (hf + "self_attn.k_norm.weight",))
+    yield WeightRule(attn + "linear_proj.weight", (hf + "self_attn.o_proj.weight",), tp=ROW)
+    if t.attention_bias:
+        yield WeightRule(attn + "linear_proj.bias", (hf + "self_attn.o_proj.bias",))
+
+
+def _mlp_rules(config: Qwen3VLConfig, meg: str, hf: str, sparse: bool) -> Iterator[WeightRule]:
+    """MLP half of one decoder layer: a dense SwiGLU MLP (its norm fused into linear_fc1) or the
+    routed experts (separate pre_mlp_layernorm, router, TE grouped-GEMM expert weights)."""
+    t = config.text
+    if not sparse:
+        width = t.intermediate_size
+        yield WeightRule(
+            meg + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
+        )
+        # [gate; up]: megatron's SwiGLU chunks fc1's output in two, so each TP rank must hold
+        # its slice of gate and the matching slice of up (two sections).
+        yield WeightRule(
+            meg + "mlp.linear_fc1.weight",
+            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+            "concat",
+            COLUMN,
+            sections=(width, width),
+        )
+        yield WeightRule(meg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), tp=ROW)
+        return
+    yield WeightRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",))
+    yield WeightRule(meg + "mlp.router.weight", (hf + "mlp.gate.weight",))
+    for e in range(t.num_experts):
+        # TEGroupedMLP names one parameter per local expert: linear_fc1.weight{e} / fc2.weight{e}
+        # (e is the global index at EP=1; with EP the model renumbers locally).
+        expert = f"{hf}mlp.experts.{e}."
+        yield WeightRule(
+            f"{meg}mlp.experts.linear_fc1.weight{e}",
+            (expert + "gate_proj.weight", expert + "up_proj.weight"),
+            "concat",
+            expert=True,
+        )
+        yield WeightRule(
+            f"{meg}mlp.experts.linear_fc2.weight{e}", (expert + "down_proj.weight",), expert=True
+        )
+
+
+def _language_rules(config: Qwen3VLConfig) -> Iterator[WeightRule]:
+    t = config.text
+    # Vocab-parallel embedding: rows (tokens) are split over TP.
+    yield WeightRule(
+        MEGATRON_TEXT + "embedding.word_embeddings.weight",
+        (HF_TEXT + "embed_tokens.weight",),
+        tp=COLUMN,
+    )
+    # One megatron TransformerLayer per HF decoder layer (same index), unlike qwen35 where the
+    # mixer and the MLP are separate megatron layers.
+    for i, sparse in enumerate(t.sparse_layers):
+        meg, hf = f"{MEGATRON_TEXT}decoder.layers.{i}.", f"{HF_TEXT}layers.{i}."
+        yield from _attention_rules(config, meg, hf)
+        yield from _mlp_rules(config, meg, hf, sparse)
+    yield WeightRule(MEGATRON_TEXT + "decoder.final_layernorm.weight", (HF_TEXT + "norm.weight",))
+    if not t.tie_word_embeddings:
+        # With tied embeddings megatron's output layer reuses word_embeddings (no tensor).
+        yield WeightRule(MEGATRON_TEXT + "output_layer.weight", (HF_LM_HEAD,), tp=COLUMN)
+
+
+def weight_rules(config: Qwen3VLConfig) -> list[WeightRule]:
+    """Every megatron tensor of the model (TP=1, EP=1 names) with its HF source tensors."""
+    return [*_vision_rules(config), *_language_rules(config)]
+
+
+# ---- name checks and shapes ------------------------------------------------------------------
+
+
+def check_names(problem: str, expected: set[str], present: set[str]) -> None:
+    """KeyError starting with `problem` and listing the missing and unexpected names, if any."""
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{problem}: {len(missing)} missing "
+            f"{missing[:20]}{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected "
+            f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
+
+
+def hf_model_class(config: Qwen3VLConfig) -> type:
+    """transformers' `Qwen3VLForConditionalGeneration` or its MoE counterpart."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    if config.text.is_moe:
+        return Qwen3VLMoeForConditionalGeneration
+    return Qwen3VLForConditionalGeneration
+
+
+def hf_tensor_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the HF tensors the rules name (experts per expert; no `lm_head.weight` when
+    tied, as checkpoints do not store it), from an HF model built on the meta device."""
+    with torch.device("meta"):
+        model = hf_model_class(config)(config.to_hf_config())
+    state = _drop_tied_lm_head(model.state_dict(), config)
+    return {name: tuple(t.shape) for name, t in split_fused_experts(state, config).items()}
+
+
+def megatron_tensor_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the full (TP=1) megatron tensors, by applying the rules on the meta device."""
+    hf_shapes = hf_tensor_shapes(config)
+    shapes = {}
+    for rule in weight_rules(config):
+        inputs = [torch.empty(hf_shapes[name], device="meta") for name in rule.hf]
+        shapes[rule.megatron] = tuple(rule.to_megatron(inputs).shape)
+    return shapes
+
+
+def _drop_tied_lm_head(hf_state: Mapping[str, Tensor], config: Qwen3VLConfig) -> dict[str, Tensor]:
+    """transformers' state_dict() lists a tied lm_head under its own name too; drop it, after
+    checking that it really is the embedding (a different tensor would be silently lost)."""
+    state = dict(hf_state)
+    if not config.text.tie_word_embeddings or HF_LM_HEAD not in state:
+        return state
+    head = state.pop(HF_LM_HEAD)
+    embed = state.get(HF_TEXT + "embed_tokens.weight")
+    if embed is None or head.device.type == "meta" or head.data_ptr() == embed.data_ptr():
+        return state  # meta shapes, or the very same storage (a real tie)
+    if head.shape != embed.shape or not torch.equal(head, embed):
+        raise ValueError(
+            f"config ties the embeddings but {HF_LM_HEAD} differs from "
+            f"{HF_TEXT}embed_tokens.weight; use an untied config for this checkpoint"
+        )
+    return state
+
+
+# ---- routed experts: fused <-> per expert ----------------------------------------------------
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"unknown expert layout {layout!r}; valid: {', '.join(EXPERT_LAYOUTS)}")
+
+
+def _fused_shapes(config: Qwen3VLConfig, layout: str) -> dict[str, tuple[int, int, int]]:
+    t = config.text
+    e, i, h = t.num_experts, t.moe_intermediate_size, t.hidden_size
+    if layout == "transformers":
+        return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
+    return {"gate_up_proj": (e, h, 2 * i), "down_proj": (e, i, h)}
+
+
+def split_fused_experts(
+    hf_state: Mapping[str, Tensor], config: Qwen3VLConfig, layout: str = "transformers"
+) -> dict[str, Tensor]:
+    """Fused expert tensors (`layout` "transformers" or "checkpoint") -> the per-expert names the
+    rules use; other tensors, per-expert ones included, pass through. Returns views."""
+    _check_layout(layout)
+    if layout == "per_expert":
+        return dict(hf_state)
+    shapes = _fused_shapes(config, layout)
+    out: dict[str, Tensor] = {}
+    for name, tensor in hf_state.items():
+        kind = name.rsplit(".", 1)[-1]
+        if not (name.startswith(HF_TEXT) and ".mlp.experts." in name and kind in shapes):
+            out[name] = tensor
+            continue
+        if tuple(tensor.shape) != shapes[kind]:
+            other = "checkpoint" if layout == "transformers" else "transformers"
+            raise ValueError(
+                f"{name}: shape {tuple(tensor.shape)} is not the {layout!r} expert layout "
+                f"{shapes[kind]} of this config (the {other!r} layout is "
+                f"{_fused_shapes(config, other)[kind]})"
+            )
+        prefix = name[: -len(kind)]
+        # The "checkpoint" layout is the transpose (x @ W instead of W @ x) of transformers'.
+        experts = tensor if layout == "transformers" else tensor.transpose(1, 2)
+        for e, expert in enumerate(experts):
+            if kind == "gate_up_proj":
+                gate, up = expert.chunk(2, dim=0)  # concatenated: gate rows, then up rows
+                out[f"{prefix}{e}.gate_proj.weight"] = gate
+                out[f"{prefix}{e}.up_proj.weight"] = up
+            else:
+                out[f"{prefix}{e}.down_proj.weight"] = expert
+    return out
+
+
+def fuse_experts(
+    hf_state: Mapping[str, Tensor], config: Qwen3VLConfig, layout: str = "transformers"
+) -> dict[str, Tensor]:
+    """Inverse of `split_fused_experts`: per-expert tensors -> fused `layout` tensors (new
+    memory); other tensors pass through."""
+    _check_layout(layout)
+    state = dict(hf_state)
+    if layout == "per_expert" or not config.text.is_moe:
+        return state
+    out: dict[str, Tensor] = {}
+    for i, sparse in enumerate(config.text.sparse_layers):
+        if not sparse:
+            continue
+        prefix = f"{HF_TEXT}layers.{i}.mlp.experts."
+        experts = range(config.text.num_experts)
+        gate_up = torch.stack(
+            [
+                torch.cat(
+                    [
+                        state.pop(f"{prefix}{e}.gate_proj.weight"),
+                        state.pop(f"{prefix}{e}.up_proj.weight"),
+                    ]
+                )
+                for e in experts
+            ]
+        )
+        down = torch.stack([state.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
+        if layout == "checkpoint":
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        out[prefix + "gate_up_proj"] = gate_up
+        out[prefix + "down_proj"] = down
+    return {**state, **out}
+
+
+# ---- conversion ------------------------------------------------------------------------------
+
+
+def hf_to_megatron(
+    hf_state: Mapping[str, Tensor], config: Qwen3VLConfig, expert_layout: str = "transformers"
+) -> dict[str, Tensor]:
+    """Full (TP=1) megatron state dict from an HF state dict whose fused experts (if any) are in
+    `expert_layout` (per-expert names are accepted in any layout). A tied `lm_head.weight` equal
+    to the embedding, as transformers' state_dict() lists it, is dropped."""
+    state = split_fused_experts(_drop_tied_lm_head(hf_state, config), config, expert_layout)
+    rules = weight_rules(config)
+    expected = {name for rule in rules for name in rule.hf}
+    check_names("HF state dict does not match the config", expected, set(state))
+    return {rule.megatron: rule.to_megatron([state[n] for n in rule.hf]) for rule in rules}
+
+
+def megatron_to_hf(
+    megatron_state: Mapping[str, Tensor],
+    config: Qwen3VLConfig,
+    expert_layout: str = "transformers",
+) -> dict[str, Tensor]:
+    """HF state dict (experts in `expert_layout`, no `lm_head.weight` when tied) from a full
+    (TP=1) megatron state dict; TE's `_extra_state` entries are ignored."""
+    _check_layout(expert_layout)
+    rules = weight_rules(config)
+    weights = {k: v for k, v in megatron_state.items() if not k.endswith("_extra_state")}
+    check_names(
+        "megatron state dict does not match the config", {r.megatron for r in rules}, set(weights)
+    )
+    hf_shapes = hf_tensor_shapes(config)
+    out: dict[str, Tensor] = {}
+    for rule in rules:
+        shapes = [hf_shapes[name] for name in rule.hf]
+        out.update(zip(rule.hf, rule.to_hf(weights[rule.megatron], shapes), strict=True))
+    return fuse_experts(out, config, expert_layout)
+
+
+# ---- tensor parallelism ----------------------------------------------------------------------
+
+
+def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size: int) -> Tensor:
+    """The slice of a full megatron tensor that tensor-parallel rank `rank` of `size` holds;
+    ValueError naming the tensor when `size` does not divide it."""
+    if not 0 <= rank < size:
+        raise ValueError(f"{rule.megatron}: rank {rank} is not in [0, {size})")
+    if size == 1 or rule.tp == REPLICATED or rule.expert:
+        return tensor
+    dim = 0 if rule.tp == COLUMN else 1
+    _check_divisible(rule, tensor.shape[dim], size)
+    if rule.sections:
+        pieces = torch.split(tensor, list(rule.sections), dim=dim)
+        return torch.cat([piece.chunk(size, dim=dim)[rank] for piece in pieces], dim=dim)
+    return tensor.chunk(size, dim=dim)[rank]
+
+
+def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
+    if rule.kind in ("qkv", "vision_qkv"):
+        # Megatron splits the fused QKV by whole query groups, not by rows.
+        groups = rule.heads[1]
+        if groups % size:
+            raise ValueError(
+                f"{rule.megatron}: {groups} query groups do not split over tensor-parallel "
+                f"size {size}"
+            )
+    for part in rule.sections or (extent,):
+        if part % size:
+            raise ValueError(
+                f"{rule.megatron}: dimension {part} does not split over tensor-parallel size {size}"
+            )
