@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -174,13 +175,19 @@ def architecture_dests(spec: Any, config: Any) -> dict[str, Any]:
     return dests | spec.model_args(config)
 
 
-def megatron_flags(dests: dict[str, Any]) -> list[str]:
-    """Command-line flags that make megatron's parser produce `dests` (None: leave unset)."""
+@functools.cache
+def megatron_actions() -> dict[str, argparse.Action]:
+    """megatron's command-line arguments by dest (its parser is built once per process)."""
     from megatron.training.arguments import add_megatron_arguments
 
-    actions = {
+    return {
         action.dest: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
     }
+
+
+def megatron_flags(dests: dict[str, Any]) -> list[str]:
+    """Command-line flags that make megatron's parser produce `dests` (None: leave unset)."""
+    actions = megatron_actions()
     flags: list[str] = []
     for dest, value in dests.items():
         if value is None:
@@ -401,12 +408,8 @@ def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:
     plan, FLOPs, checkpoint metadata) while the model is built from the config. Every argument that
     any variant sets is checked; those this model leaves unset keep megatron's default (a dense
     model's expert arguments, a tied model's untie flag)."""
-    from megatron.training.arguments import add_megatron_arguments
-
     spec = get_model_spec(args.model_name)
-    actions = {
-        action.dest: action for action in add_megatron_arguments(argparse.ArgumentParser())._actions
-    }
+    actions = megatron_actions()
     ours = architecture_dests(spec, config)
     expected = {
         dest: actions[dest].default
