@@ -227,13 +227,12 @@ def check_early(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"{flag_value('--model-variant', args.model_variant)}: {error}"
             ) from error
-    # By name: resolving the provider would import it (megatron, transformers: seconds).
-    if args.dataset_provider not in entry.dataset_providers:
-        valid = ", ".join(sorted(entry.dataset_providers))
+    try:
+        provider = entry.dataset_provider(args.dataset_provider)
+    except ValueError as error:
         raise ValueError(
-            f"{flag_value('--dataset-provider', args.dataset_provider)}: unknown dataset provider "
-            f"{args.dataset_provider!r}; valid providers: {valid}"
-        )
+            f"{flag_value('--dataset-provider', args.dataset_provider)}: {error}"
+        ) from error
     unit = 32 * 32
     if args.min_pixels < unit:
         raise ValueError(f"--min-pixels {args.min_pixels} is below one 32x32 merged patch ({unit})")
@@ -241,7 +240,7 @@ def check_early(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--max-pixels {args.max_pixels} is smaller than --min-pixels {args.min_pixels}"
         )
-    entry.dataset_provider(args.dataset_provider).check(args)
+    provider.check(args)
     if args.hf_tokenizer_path:
         check_tokenizer_directory(args.hf_tokenizer_path)
     if args.load:
