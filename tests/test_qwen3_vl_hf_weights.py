@@ -6,6 +6,7 @@ order and tensor-parallel sharding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 
 import pytest
@@ -47,10 +48,10 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request):
+@functools.cache
+def built_case(name: str):
     """(config, HF model state dict) of a real float32 HF model with random weights."""
-    config = CASES[request.param]
+    config = CASES[name]
     torch.manual_seed(0)
     model = hf_model_class(config)(config.to_hf_config()).float()
     with torch.no_grad():
@@ -62,6 +63,16 @@ def case(request):
     same = state["lm_head.weight"].data_ptr() == state[EMBED].data_ptr()
     assert same == config.text.tie_word_embeddings
     return config, state
+
+
+@pytest.fixture(params=list(CASES))
+def case(request):
+    return built_case(request.param)
+
+
+@pytest.fixture(params=[name for name, config in CASES.items() if config.text.is_moe])
+def moe_case(request):
+    return built_case(request.param)
 
 
 def expected_megatron_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]]:
@@ -171,10 +182,8 @@ def test_hf_to_megatron_to_hf_is_bit_exact(case):
         assert torch.equal(back[name], tensor), name
 
 
-def test_every_expert_layout_gives_the_same_megatron_state(case):
-    config, state = case
-    if not config.text.is_moe:
-        pytest.skip("dense model: no experts")
+def test_every_expert_layout_gives_the_same_megatron_state(moe_case):
+    config, state = moe_case
     reference = hf_to_megatron(state, config)
     for layout in ("checkpoint", "per_expert"):
         hf = megatron_to_hf(reference, config, expert_layout=layout)
@@ -187,10 +196,8 @@ def test_every_expert_layout_gives_the_same_megatron_state(case):
         assert all(torch.equal(again[k], reference[k]) for k in reference), layout
 
 
-def test_fused_expert_gate_up_is_concatenated_not_interleaved(case):
-    config, state = case
-    if not config.text.is_moe:
-        pytest.skip("dense model: no experts")
+def test_fused_expert_gate_up_is_concatenated_not_interleaved(moe_case):
+    config, state = moe_case
     layer = config.text.sparse_layers.index(True)
     p = f"model.language_model.layers.{layer}.mlp.experts."
     megatron = hf_to_megatron(state, config)
