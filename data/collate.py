@@ -146,7 +146,7 @@ def _pad_sample(ids, labels, loss_mask, positions, vision_rows, padded_length, c
     }
 
 
-# Tensors with one entry per token, laid out [B, S] ([B, S, 3] for positions) / [1, T] for THD.
+# Tensors with one entry per token, laid out [B, S] ([B, S, rows] for positions) / [1, T] for THD.
 TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "padding_mask", "vision_rows", "position_ids")
 
 

@@ -77,7 +77,6 @@ class WeightConversion:
     check_names: Callable[[str, set[str], set[str]], None]  # KeyError listing missing / unexpected
     config_with_tensors: Callable[[Any, set[str], bool], Any]
     unused_hf_tensors: Callable[[Any], dict[str, str]]
-    fsdp_model_prefix: str
     fsdp_dtensor_tp_note: str = ""
 
 

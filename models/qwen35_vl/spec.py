@@ -142,7 +142,6 @@ WEIGHTS = WeightConversion(
     check_names=hf_weights.check_names,
     config_with_tensors=config_with_tensors,
     unused_hf_tensors=unused_hf_tensors,
-    fsdp_model_prefix=checkpoint_layout.FSDP_MODEL_PREFIX,
     fsdp_dtensor_tp_note=(
         "megatron-core 0.19's FSDP checkpoints keep Gated DeltaNet's fused in_proj / conv1d in "
         "the TP layout of the run that wrote them"
