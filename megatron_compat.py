@@ -135,8 +135,8 @@ def fuse_wgrad_accumulation_in_te_layers(model: Any, args: argparse.Namespace) -
     APEX's `fused_weight_gradient_mlp_cuda`, so without APEX every TE layer lost the fusion too
     (the TE layers' adds are 142 of the 414 fp32 adds of a 9B-widths step). TE marks each fused
     weight `grad_added_to_main_grad`, which megatron DDP reads to skip its add, so the output
-    layer keeps the unfused path. Not applied by training until tests/test_wgrad_fusion.py has
-    passed on a GPU; `bench_vs_hf.py --wgrad-fusion te` measures it.
+    layer keeps the unfused path. Training applies it in `pretrain_multimodal.model_provider`;
+    tests/test_wgrad_fusion.py checks the gradients against the unfused path on a GPU.
 
     Only under megatron DDP with the flag off (with it on, TE fuses already; Megatron-FSDP and
     torch FSDP keep `main_grad` their own way). Returns the number of layers switched; 0 also when

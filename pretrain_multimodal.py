@@ -25,7 +25,7 @@ from arguments import (
     validate_multimodal_args,
 )
 from data.tokens import token_ids_from_args
-from megatron_compat import SavedArgs
+from megatron_compat import SavedArgs, fuse_wgrad_accumulation_in_te_layers
 from models import get_model_spec
 from planner import dry_run_log_path, output_to, planning_device, print_dry_run_plan
 
@@ -57,7 +57,7 @@ def model_provider(
 
     args = get_args()
     base = config if config is not None else core_transformer_config_from_args(args)
-    return get_model_spec(args.model_name).build_model(
+    model = get_model_spec(args.model_name).build_model(
         resolved_model_config(args),
         base,
         pg_collection or ProcessGroupCollection.use_mpu_process_groups(),
@@ -66,6 +66,8 @@ def model_provider(
         recompute_vision=args.recompute_vision,
         vp_stage=vp_stage,
     )
+    fuse_wgrad_accumulation_in_te_layers(model, args)
+    return model
 
 
 def datasets_provider(train_val_test_num_samples, vp_stage=None):

@@ -180,11 +180,27 @@ class TrainingStep:
         losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.eE+-]+|nan|inf)", log)]
         seconds = time.monotonic() - self.started
         code = self.process.returncode
-        print(f"  proxy training: exit {code}, lm loss {losses}, {seconds:.0f} s")
+        print(f"  proxy training: exit {code}, lm loss {losses}, {seconds:.0f} s ({phases(log)})")
         if code != 0 or len(losses) != 2 or not all(map(_finite, losses)):
             tail = "\n    ".join(log.strip().splitlines()[-8:])
             return [f"the proxy training step failed (exit {code}):\n    {tail}"]
         return []
+
+
+def phases(log: str) -> str:
+    """Where the training step's time went, from megatron's own log lines."""
+    found = []
+    initialize = re.search(r"time to initialize megatron \(seconds\): ([0-9.]+)", log)
+    if initialize:
+        found.append(f"megatron initialisation {float(initialize.group(1)):.0f} s")
+    for name in ("model-and-optimizer-setup", "train/valid/test-data-iterators-setup"):
+        setup = re.search(re.escape(name) + r" \.*: \(([0-9.]+), ([0-9.]+)\)", log)
+        if setup:
+            found.append(f"{name} {float(setup.group(2)) / 1000:.1f} s")
+    steps = re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", log)
+    if steps:
+        found.append("iterations " + " / ".join(f"{float(ms) / 1000:.1f} s" for ms in steps))
+    return ", ".join(found) or "no megatron timings in the log"
 
 
 def _finite(value: float) -> bool:

@@ -151,3 +151,21 @@ def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
     with pytest.warns(UserWarning, match="not fusing TE weight-gradient accumulation"):
         assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 0
     assert not model[0].fuse_wgrad_accumulation
+
+
+def test_training_model_provider_fuses_te_wgrad_accumulation(monkeypatch):
+    """The fusion stays on in training: model_provider switches the built model's TE layers."""
+    import types
+
+    import megatron.training
+
+    import pretrain_multimodal
+
+    built = torch.nn.Sequential(LayerWithFusionSetting())
+    spec = types.SimpleNamespace(build_model=lambda *args, **kwargs: built)
+    args = training_args(model_name="any", recompute_vision=False)
+    monkeypatch.setattr(megatron.training, "get_args", lambda: args)
+    monkeypatch.setattr(pretrain_multimodal, "get_model_spec", lambda name: spec)
+    monkeypatch.setattr(pretrain_multimodal, "resolved_model_config", lambda args: None)
+    model = pretrain_multimodal.model_provider(config=object(), pg_collection=object())
+    assert model is built and model[0].fuse_wgrad_accumulation

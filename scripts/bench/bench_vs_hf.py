@@ -131,7 +131,7 @@ def megatron_side(
     iters: int,
     cp: int = 1,
     profile_dir: str = "",
-    wgrad_fusion: bool = False,
+    wgrad_fusion: bool = True,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -296,9 +296,9 @@ def main() -> None:
     parser.add_argument(
         "--wgrad-fusion",
         choices=("te", "off"),
-        default="off",
-        help="TE layers accumulate weight gradients in the GEMM (te) or megatron adds them (off, "
-        "as training does until tests/test_wgrad_fusion.py has passed on a GPU)",
+        default="te",
+        help="TE layers accumulate weight gradients in the GEMM (te, as training does) or "
+        "megatron adds them (off)",
     )
     parser.add_argument("--pack-tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
