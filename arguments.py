@@ -451,7 +451,8 @@ def single(value: Any) -> Any:
 
 def check_layout(args: argparse.Namespace, config: Any) -> None:
     """The layout rules that depend on the model (from its spec's `ModelShape`): experts for EP,
-    heads that TP x CP split, the sequence length against the model's positions."""
+    heads that TP x CP split, full-layer recompute, the sequence length against the model's
+    positions."""
     spec = get_model_spec(args.model_name)
     shape = spec.shape(config)
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -474,6 +475,11 @@ def check_layout(args: argparse.Namespace, config: Any) -> None:
                 f"CP in its all-to-all, and TP {tp} x CP {cp} does not divide them; choose TP x "
                 f"CP dividing {math.gcd(*shape.tp_cp_heads.values())}"
             )
+    if getattr(args, "recompute_granularity", None) == "full" and shape.full_recompute_problem:
+        raise ValueError(
+            f"{setting('--recompute-granularity', 'full')} cannot train {name}: "
+            f"{shape.full_recompute_problem}"
+        )
     if args.seq_length is not None and args.seq_length > shape.max_positions:
         raise ValueError(
             f"{setting('--seq-length', args.seq_length)}: above the {shape.max_positions} "

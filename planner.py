@@ -250,6 +250,8 @@ def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None =
         return f"Gated DeltaNet heads do not split over TP {tp} x CP {cp}"
     if ep > 1 and (not model.num_experts or model.num_experts % ep):
         return f"EP {ep} does not divide the {model.num_experts} experts"
+    if layout.recompute and model.full_recompute_problem:
+        return f"full-layer recompute: {model.full_recompute_problem}"
     if cp > 1 and layout.seq_length % (2 * cp):
         return f"sequence length {layout.seq_length} is not a multiple of 2 x CP"
     multiple = sequence_multiple(tp, cp, layout.sequence_parallel)

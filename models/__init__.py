@@ -5,10 +5,11 @@ Adding an architecture = one folder with a `spec.py` + one line here.
 
 from __future__ import annotations
 
+from models.qwen3_vl.spec import SPEC as QWEN3_VL
 from models.qwen35_vl.spec import SPEC as QWEN35_VL
 from models.spec import ModelSpec
 
-MODEL_REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (QWEN35_VL,)}
+MODEL_REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (QWEN35_VL, QWEN3_VL)}
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -6,6 +6,7 @@ in `models/<name>/spec.py`. The generic files import no model module: they look 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +41,9 @@ class ModelShape:
     num_experts: int  # routed experts; 0 for a dense model
     mtp_layers: int  # multi-token-prediction depths
     max_positions: int
+    # Why megatron's full-layer recompute (--recompute-granularity full) cannot train this model;
+    # "" when it can.
+    full_recompute_problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,22 @@ class ModelSpec:
             valid = ", ".join(sorted(self.dataset_providers))
             raise ValueError(f"unknown dataset provider {name!r}; valid providers: {valid}")
         return self.dataset_providers[name]
+
+
+def data_module_provider(module: str) -> DatasetProvider:
+    """`data.<module>`'s `build_datasets`, `describe_dataset` and `check_args` (when it has one),
+    imported on use: the data modules pull in image and parquet libraries (seconds) that a
+    registry lookup does not need."""
+
+    def build(args: Any, config: Any, samples: tuple[int, int, int]) -> Any:
+        return importlib.import_module(f"data.{module}").build_datasets(args, config, samples)
+
+    def describe(args: Any, config: Any) -> list[str]:
+        return importlib.import_module(f"data.{module}").describe_dataset(args, config)
+
+    def check(args: Any) -> None:
+        check_args = getattr(importlib.import_module(f"data.{module}"), "check_args", None)
+        if check_args is not None:
+            check_args(args)
+
+    return DatasetProvider(build, describe, check)

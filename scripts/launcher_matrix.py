@@ -151,8 +151,41 @@ def feature_runs() -> list[Run]:
     ]
 
 
+def qwen3_vl_runs() -> list[Run]:
+    """The second model family (`MODEL=qwen3_vl`): both batch formats, every kind of layout and
+    the vision recompute, against its own 1-GPU BSHD runs; full-layer recompute is refused."""
+    dense = {"MODEL": "qwen3_vl", "MODEL_VARIANT": "proxy"}
+    moe = {**dense, "MODEL_VARIANT": "proxy-moe"}
+    layouts = [
+        ("1gpu", 1, dense, {"PACKED": "0"}),
+        ("1gpu_packed", 1, dense, {"PACKED": "1"}),
+        ("tp2_packed", 2, dense, {"TP": "2", "PACKED": "1"}),
+        ("cp2_p2p", 2, dense, {"CP": "2", "PACKED": "0"}),
+        ("cp2_p2p_packed", 2, dense, {"CP": "2", "PACKED": "1"}),
+        ("fsdp_packed", 2, dense, {"FSDP": "1", "PACKED": "1"}),
+        ("recompute_vision", 1, dense, {"RECOMPUTE_VISION": "1", "PACKED": "0"}),
+        ("moe_1gpu", 1, moe, {"PACKED": "0"}),
+        ("moe_ep2_packed", 2, moe, {"EP": "2", "PACKED": "1"}),
+        ("moe_cp2_ep2", 2, moe, {"CP": "2", "EP": "2", "PACKED": "0"}),
+    ]
+    runs = []
+    for layout, gpus, model, env in layouts:
+        reference = "qwen3vl_moe_1gpu" if model is moe else "qwen3vl_1gpu"
+        name = f"qwen3vl_{layout}"
+        runs.append(
+            Run(name, {**model, **env}, gpus, reference=None if name == reference else reference)
+        )
+    runs.append(Run("refuse_qwen3vl_recompute", {**dense, "RECOMPUTE": "1"}, expect_refusal=True))
+    return runs
+
+
 def all_runs() -> list[Run]:
-    return [*model_runs("proxy", "proxy"), *model_runs("proxy-moe", "moe"), *feature_runs()]
+    return [
+        *model_runs("proxy", "proxy"),
+        *model_runs("proxy-moe", "moe"),
+        *feature_runs(),
+        *qwen3_vl_runs(),
+    ]
 
 
 @dataclass

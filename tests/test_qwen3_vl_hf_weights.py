@@ -115,7 +115,10 @@ def expected_megatron_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]
     shapes["language_model.embedding.word_embeddings.weight"] = (t.vocab_size, h)
     qkv_rows = (t.num_attention_heads + 2 * t.num_key_value_heads) * d
     for i, sparse in enumerate(t.sparse_layers):
-        p = f"language_model.decoder.layers.{i}."
+        p, mlp = (
+            f"language_model.decoder.layers.{2 * i}.",
+            f"language_model.decoder.layers.{2 * i + 1}.",
+        )
         shapes |= {
             p + "self_attention.linear_qkv.layer_norm_weight": (h,),
             p + "self_attention.linear_qkv.weight": (qkv_rows, h),
@@ -128,16 +131,16 @@ def expected_megatron_shapes(config: Qwen3VLConfig) -> dict[str, tuple[int, ...]
             shapes[p + "self_attention.linear_proj.bias"] = (h,)
         if sparse:
             i_moe = t.moe_intermediate_size
-            shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-            shapes[p + "mlp.router.weight"] = (t.num_experts, h)
+            shapes[mlp + "pre_mlp_layernorm.weight"] = (h,)
+            shapes[mlp + "mlp.router.weight"] = (t.num_experts, h)
             for e in range(t.num_experts):
-                shapes[f"{p}mlp.experts.linear_fc1.weight{e}"] = (2 * i_moe, h)
-                shapes[f"{p}mlp.experts.linear_fc2.weight{e}"] = (h, i_moe)
+                shapes[f"{mlp}mlp.experts.linear_fc1.weight{e}"] = (2 * i_moe, h)
+                shapes[f"{mlp}mlp.experts.linear_fc2.weight{e}"] = (h, i_moe)
         else:
-            shapes[p + "mlp.linear_fc1.layer_norm_weight"] = (h,)
-            shapes[p + "mlp.linear_fc1.weight"] = (2 * t.intermediate_size, h)
-            shapes[p + "mlp.linear_fc2.weight"] = (h, t.intermediate_size)
-    shapes["language_model.decoder.final_layernorm.weight"] = (h,)
+            shapes[mlp + "mlp.linear_fc1.layer_norm_weight"] = (h,)
+            shapes[mlp + "mlp.linear_fc1.weight"] = (2 * t.intermediate_size, h)
+            shapes[mlp + "mlp.linear_fc2.weight"] = (h, t.intermediate_size)
+    shapes["language_model.decoder.final_norm.weight"] = (h,)
     if not t.tie_word_embeddings:
         shapes["language_model.output_layer.weight"] = (t.vocab_size, h)
     return shapes
@@ -201,9 +204,9 @@ def test_fused_expert_gate_up_is_concatenated_not_interleaved(moe_case):
     layer = config.text.sparse_layers.index(True)
     p = f"model.language_model.layers.{layer}.mlp.experts."
     megatron = hf_to_megatron(state, config)
-    fc1 = megatron[f"language_model.decoder.layers.{layer}.mlp.experts.linear_fc1.weight3"]
+    fc1 = megatron[f"language_model.decoder.layers.{2 * layer + 1}.mlp.experts.linear_fc1.weight3"]
     assert torch.equal(fc1, state[p + "gate_up_proj"][3])
-    fc2 = megatron[f"language_model.decoder.layers.{layer}.mlp.experts.linear_fc2.weight3"]
+    fc2 = megatron[f"language_model.decoder.layers.{2 * layer + 1}.mlp.experts.linear_fc2.weight3"]
     assert torch.equal(fc2, state[p + "down_proj"][3])
 
 
@@ -317,8 +320,9 @@ def test_tp2_qkv_shard_is_one_query_group_and_fc1_shard_is_gate_and_up_halves(ca
     assert qkv.shape[0] * 2 == megatron[p + "self_attention.linear_qkv.weight"].shape[0]
     if t.sparse_layers[0]:
         return  # layer 0 has routed experts, never TP-split
+    mlp = "language_model.decoder.layers.1."
     fc1 = shard_for_tensor_parallel(
-        rules[p + "mlp.linear_fc1.weight"], megatron[p + "mlp.linear_fc1.weight"], 1, 2
+        rules[mlp + "mlp.linear_fc1.weight"], megatron[mlp + "mlp.linear_fc1.weight"], 1, 2
     )
     gate = state[hf + "mlp.gate_proj.weight"].chunk(2)[1]
     up = state[hf + "mlp.up_proj.weight"].chunk(2)[1]
@@ -336,7 +340,7 @@ def test_non_dividing_tp_raises_naming_the_tensor():
     qkv = "language_model.decoder.layers.0.self_attention.linear_qkv.weight"
     with pytest.raises(ValueError, match=f"{qkv}: 2 query groups"):
         shard(qkv, 4)  # 2 groups: rows would divide, groups do not
-    fc1 = "language_model.decoder.layers.3.mlp.linear_fc1.weight"
+    fc1 = "language_model.decoder.layers.7.mlp.linear_fc1.weight"
     with pytest.raises(ValueError, match=f"{fc1}: dimension 1536"):
         shard(fc1, 5)
     embed = "language_model.embedding.word_embeddings.weight"

@@ -34,7 +34,7 @@ ALL_VARIANTS = [
 
 
 def test_registry_entries_are_model_specs_named_by_their_key():
-    assert "qwen35_vl" in MODEL_REGISTRY
+    assert {"qwen35_vl", "qwen3_vl"} <= set(MODEL_REGISTRY)
     for name, spec in MODEL_REGISTRY.items():
         assert isinstance(spec, ModelSpec) and spec.name == name
         assert get_model_spec(name) is spec
@@ -138,11 +138,23 @@ def megatron_config_of(flags: list[str]):
     return core_transformer_config_from_args(args)
 
 
-@pytest.mark.parametrize("variant", ["proxy", "proxy-moe", "9b", "397b"])
-def test_megatron_derives_the_factorys_language_config_from_the_generated_flags(variant):
+@pytest.mark.parametrize(
+    "model, variant",
+    [
+        ("qwen35_vl", "proxy"),
+        ("qwen35_vl", "proxy-moe"),
+        ("qwen35_vl", "9b"),
+        ("qwen35_vl", "397b"),
+        ("qwen3_vl", "proxy"),
+        ("qwen3_vl", "proxy-moe"),
+        ("qwen3_vl", "8b"),
+        ("qwen3_vl", "235b_a22b"),
+    ],
+)
+def test_megatron_derives_the_factorys_language_config_from_the_generated_flags(model, variant):
     """One source: the flags come from the spec's language fields and model arguments, and
     megatron's own parsing turns them back into exactly those TransformerConfig fields."""
-    spec = get_model_spec("qwen35_vl")
+    spec = get_model_spec(model)
     config = spec.get_variant(variant)
     derived = megatron_config_of(megatron_flags(architecture_dests(spec, config)))
     for name, value in spec.language_fields(config).items():

@@ -197,27 +197,7 @@ class Qwen35VLConfig:
 
     def vision_transformer_fields(self) -> dict[str, Any]:
         """Architecture fields of the vision tower's `TransformerConfig`."""
-        v = self.vision
-        return dict(
-            num_layers=v.depth,
-            hidden_size=v.hidden_size,
-            num_attention_heads=v.num_heads,
-            num_query_groups=v.num_heads,
-            kv_channels=v.head_dim,
-            ffn_hidden_size=v.intermediate_size,
-            normalization="LayerNorm",
-            layernorm_epsilon=1e-6,
-            layernorm_zero_centered_gamma=False,
-            gated_linear_unit=False,
-            activation_func=gelu_tanh,
-            add_bias_linear=True,
-            add_qkv_bias=True,
-            qk_layernorm=False,
-            attention_output_gate=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            rotary_interleaved=False,
-        )
+        return vision_tower_fields(self.vision)
 
     # ---- parameter counts (exact, equal to the HF model's without MTP) --------------------
 
@@ -386,6 +366,31 @@ def gelu_tanh(x):
     import torch.nn.functional as F
 
     return F.gelu(x, approximate="tanh")
+
+
+def vision_tower_fields(v: VisionConfig) -> dict[str, Any]:
+    """Architecture fields of the vision tower's `TransformerConfig` (pre-norm ViT blocks with
+    biases, LayerNorm, tanh-GELU MLP); Qwen3-VL's tower has the same blocks."""
+    return dict(
+        num_layers=v.depth,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_heads,
+        num_query_groups=v.num_heads,
+        kv_channels=v.head_dim,
+        ffn_hidden_size=v.intermediate_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-6,
+        layernorm_zero_centered_gamma=False,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        qk_layernorm=False,
+        attention_output_gate=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_interleaved=False,
+    )
 
 
 def _rope_value(rope: dict[str, Any], hf_text: Any, key: str, default: Any) -> Any:

@@ -21,6 +21,37 @@ from .specs import language_stack_spec, vision_layer_spec
 from .vision import Qwen35VisionEncoder, VisionInputs
 
 
+def check_feature_count(features: Tensor, vision_inputs: VisionInputs) -> None:
+    if features.shape[0] != vision_inputs.num_merged_tokens:
+        raise ValueError(
+            f"vision tower returned {features.shape[0]} features for "
+            f"{vision_inputs.num_merged_tokens} image tokens"
+        )
+
+
+def place_vision_features(
+    features: Tensor,
+    vision_rows: Tensor,
+    text: Tensor | float,
+    config: TransformerConfig,
+    tp_group: torch.distributed.ProcessGroup,
+) -> Tensor:
+    """[S, B, H] (this rank's sequence shard under sequence parallelism): each image token's
+    row of `features`, `text` (embeddings, or a constant) elsewhere. `vision_rows` [B, S] holds
+    per token its row in `features` (-1 for text)."""
+    rows = vision_rows.transpose(0, 1)  # [S, B]
+    if config.sequence_parallel and tp_group.size() > 1:
+        # Each TP rank holds a contiguous sequence chunk; its rows take gradients only from its
+        # tokens, so sum the feature gradients over TP in backward.
+        chunk = rows.shape[0] // tp_group.size()
+        rows = rows[tp_group.rank() * chunk : (tp_group.rank() + 1) * chunk]
+        features = tensor_parallel.copy_to_tensor_model_parallel_region(features, group=tp_group)
+    is_image = (rows >= 0).unsqueeze(-1)
+    dtype = text.dtype if isinstance(text, Tensor) else config.params_dtype
+    gathered = features[rows.clamp(min=0)].to(dtype)
+    return torch.where(is_image, gathered, text)
+
+
 class Qwen35LanguageModel(HybridModel):
     """HybridModel whose attention layers use interleaved MRoPE angles from 3D position ids."""
 
@@ -124,6 +155,10 @@ class Qwen35LanguageModel(HybridModel):
 class Qwen35VLModel(MegatronModule):
     """Vision tower + language decoder. Image features replace the embeddings of image tokens."""
 
+    # The two halves, as classes so that a model family sharing this structure can subclass.
+    vision_encoder_class: type[Qwen35VisionEncoder] = Qwen35VisionEncoder
+    language_model_class: type[Qwen35LanguageModel] = Qwen35LanguageModel
+
     def __init__(
         self,
         model_config: Qwen35VLConfig,
@@ -140,13 +175,13 @@ class Qwen35VLModel(MegatronModule):
         self.pg_collection = pg_collection
         self.pre_process = pre_process
         self.vision = (
-            Qwen35VisionEncoder(
+            self.vision_encoder_class(
                 vision_config, model_config.vision, vision_layer_spec(), pg_collection
             )
             if pre_process
             else None
         )
-        self.language_model = Qwen35LanguageModel(
+        self.language_model = self.language_model_class(
             model_config,
             language_config,
             pg_collection,
@@ -169,24 +204,10 @@ class Qwen35VLModel(MegatronModule):
         if vision_inputs is None:
             return embeddings
         features = self.vision(vision_inputs)
-        if features.shape[0] != vision_inputs.num_merged_tokens:
-            raise ValueError(
-                f"vision tower returned {features.shape[0]} features for "
-                f"{vision_inputs.num_merged_tokens} image tokens"
-            )
-        rows = vision_rows.transpose(0, 1)  # [S, B]
-        tp_group = self.pg_collection.tp
-        if self.config.sequence_parallel and tp_group.size() > 1:
-            # Each TP rank holds a contiguous sequence chunk; its rows take gradients only from
-            # its tokens, so sum the feature gradients over TP in backward.
-            chunk = rows.shape[0] // tp_group.size()
-            rows = rows[tp_group.rank() * chunk : (tp_group.rank() + 1) * chunk]
-            features = tensor_parallel.copy_to_tensor_model_parallel_region(
-                features, group=tp_group
-            )
-        is_image = (rows >= 0).unsqueeze(-1)
-        gathered = features[rows.clamp(min=0)].to(embeddings.dtype)
-        return torch.where(is_image, gathered, embeddings)
+        check_feature_count(features, vision_inputs)
+        return place_vision_features(
+            features, vision_rows, embeddings, self.config, self.pg_collection.tp
+        )
 
     def forward(
         self,

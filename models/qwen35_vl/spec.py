@@ -6,11 +6,10 @@ transformers only.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
-from models.spec import DatasetProvider, ModelShape, ModelSpec, WeightConversion
+from models.spec import ModelShape, ModelSpec, WeightConversion, data_module_provider
 
 from . import checkpoint_layout, configuration, flops, hf_weights
 from .configuration import FULL_ATTENTION, LINEAR_ATTENTION, Qwen35VLConfig, human_count
@@ -98,25 +97,6 @@ def describe(config: Qwen35VLConfig) -> list[str]:
     ]
 
 
-def dataset_provider(module: str) -> DatasetProvider:
-    """`data.<module>`'s `build_datasets`, `describe_dataset` and `check_args` (when it has one),
-    imported on use: the data modules pull in image and parquet libraries (seconds) that a
-    registry lookup does not need."""
-
-    def build(args: Any, config: Any, samples: tuple[int, int, int]) -> Any:
-        return importlib.import_module(f"data.{module}").build_datasets(args, config, samples)
-
-    def describe(args: Any, config: Any) -> list[str]:
-        return importlib.import_module(f"data.{module}").describe_dataset(args, config)
-
-    def check(args: Any) -> None:
-        check_args = getattr(importlib.import_module(f"data.{module}"), "check_args", None)
-        if check_args is not None:
-            check_args(args)
-
-    return DatasetProvider(build, describe, check)
-
-
 def config_with_tensors(config: Qwen35VLConfig, names: set[str], megatron: bool) -> Qwen35VLConfig:
     """The MTP depth a checkpoint has: one layer when its MTP tensors are there (transformers'
     `save_pretrained` writes none; megatron keys may carry the FSDP prefix)."""
@@ -165,7 +145,7 @@ SPEC = ModelSpec(
     describe=describe,
     weights=WEIGHTS,
     dataset_providers={
-        "mock": dataset_provider("mock"),
-        "cord_v2": dataset_provider("cord_v2"),
+        "mock": data_module_provider("mock"),
+        "cord_v2": data_module_provider("cord_v2"),
     },
 )

@@ -48,12 +48,18 @@ def _singleton_group():
 
 
 class PatchMerger(MegatronModule):
-    """LayerNorm per patch, concatenate each 2x2 block, then fc1 -> exact GELU -> fc2."""
+    """LayerNorm per patch, concatenate each 2x2 block, then fc1 -> exact GELU -> fc2. With
+    `norm_after_merge` the LayerNorm spans the concatenated block instead (Qwen3-VL's DeepStack
+    mergers, HF's `use_postshuffle_norm`)."""
 
-    def __init__(self, config: TransformerConfig, vision: VisionConfig, tp_group) -> None:
+    def __init__(
+        self, config: TransformerConfig, vision: VisionConfig, tp_group, norm_after_merge=False
+    ) -> None:
         super().__init__(config=config)
         self.merged_size = vision.hidden_size * vision.spatial_merge_size**2
-        self.norm = TENorm(config=config, hidden_size=vision.hidden_size, eps=1e-6)
+        self.norm_after_merge = norm_after_merge
+        norm_size = self.merged_size if norm_after_merge else vision.hidden_size
+        self.norm = TENorm(config=config, hidden_size=norm_size, eps=1e-6)
         mlp_config = copy.copy(config)
         mlp_config.hidden_size = vision.out_hidden_size
         mlp_config.ffn_hidden_size = self.merged_size
@@ -70,7 +76,10 @@ class PatchMerger(MegatronModule):
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        merged = self.norm(hidden_states).reshape(-1, self.merged_size)
+        if self.norm_after_merge:
+            merged = self.norm(hidden_states.reshape(-1, self.merged_size))
+        else:
+            merged = self.norm(hidden_states).reshape(-1, self.merged_size)
         output, bias = self.mlp(merged)
         return output if bias is None else output + bias
 
@@ -124,6 +133,14 @@ class Qwen35VisionEncoder(MegatronModule):
 
     def forward(self, inputs: VisionInputs) -> Tensor:
         """[num_patches, patch_dim] pixels -> [num_patches / merge**2, out_hidden_size]."""
+        hidden, _ = self.encode(inputs)
+        return self.merger(hidden)
+
+    def encode(
+        self, inputs: VisionInputs, block_outputs: tuple[int, ...] = ()
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The last block's output [num_patches, hidden] and the outputs of the blocks whose
+        (0-based) indexes `block_outputs` lists, in block order; all before merging."""
         weight = self.patch_embed.weight
         hidden = self.patch_embed(inputs.pixel_values.to(weight.dtype))
         # The fp32 interpolation weights promote the weighted sum to fp32, as in HF.
@@ -139,10 +156,12 @@ class Qwen35VisionEncoder(MegatronModule):
             max_seqlen_q=inputs.max_seqlen,
             max_seqlen_kv=inputs.max_seqlen,
         )
-        hidden = self.blocks(
+        output = self.blocks(
             hidden_states=hidden.unsqueeze(1),
             attention_mask=None,
             rotary_pos_emb=rotary,
             packed_seq_params=packed,
+            extract_layer_indices=set(block_outputs),
         )
-        return self.merger(hidden.squeeze(1))
+        hidden, extracted = output if block_outputs else (output, [])
+        return hidden.squeeze(1), [block.squeeze(1) for block in extracted]

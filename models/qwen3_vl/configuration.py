@@ -5,6 +5,7 @@ field, conversion from/to HF configs and exact parameter counts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,11 @@ class TextConfig:
         return self.num_experts > 0
 
     @property
+    def rotary_dim(self) -> int:
+        """Rotated channels per head: all of them (Qwen3-VL has no partial rotary)."""
+        return self.head_dim
+
+    @property
     def sparse_layers(self) -> tuple[bool, ...]:
         """Per decoder layer: True where the MLP is the routed experts, False for a dense MLP."""
         return tuple(
@@ -304,6 +310,79 @@ class Qwen3VLConfig:
                 )
         if len(set(token_ids.values())) != len(token_ids):
             raise ValueError(f"Qwen3VLConfig special token ids must be distinct, got {token_ids}")
+
+    def with_token_ids(self, **token_ids: int) -> Qwen3VLConfig:
+        """Copy with other special token ids (those of a local tokenizer)."""
+        return dataclasses.replace(self, **token_ids)
+
+    def with_mtp_layers(self, mtp_num_hidden_layers: int) -> Qwen3VLConfig:
+        if mtp_num_hidden_layers:
+            raise ValueError(
+                f"Qwen3-VL has no multi-token-prediction layers, but {mtp_num_hidden_layers} were "
+                "asked for; set MTP_NUM_LAYERS=0 or leave it unset (--mtp-num-layers)"
+            )
+        return self
+
+    # ---- megatron-core mapping -------------------------------------------------------------
+
+    def hybrid_layer_pattern(self) -> str:
+        """HybridModel pattern: each HF decoder layer is attention `*` followed by its dense MLP
+        `-` or routed experts `E`."""
+        return "".join("*E" if sparse else "*-" for sparse in self.text.sparse_layers)
+
+    def language_transformer_fields(self) -> dict[str, Any]:
+        """Architecture fields of the language `TransformerConfig`; with `spec.model_args` the
+        one source of the architecture flags megatron is given."""
+        import torch.nn.functional as F
+
+        t = self.text
+        if t.attention_bias:
+            raise ValueError(
+                "TextConfig.attention_bias is not supported: megatron's add_bias_linear would add "
+                "biases to the MLPs too (no released Qwen3-VL has attention biases)"
+            )
+        fields: dict[str, Any] = dict(
+            num_layers=2 * t.num_hidden_layers,
+            hidden_size=t.hidden_size,
+            num_attention_heads=t.num_attention_heads,
+            num_query_groups=t.num_key_value_heads,
+            kv_channels=t.head_dim,
+            ffn_hidden_size=t.intermediate_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=t.rms_norm_eps,
+            layernorm_zero_centered_gamma=False,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            qk_layernorm=True,
+            attention_output_gate=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            rotary_interleaved=False,
+            mrope_section=list(t.mrope_section),
+            is_hybrid_model=True,
+        )
+        if t.is_moe:
+            fields.update(
+                num_moe_experts=t.num_experts,
+                moe_router_topk=t.num_experts_per_tok,
+                moe_ffn_hidden_size=t.moe_intermediate_size,
+                # Softmax over the top-k logits = HF's softmax, top-k, renormalised weights.
+                moe_router_score_function="softmax",
+                moe_router_pre_softmax=False,
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=t.router_aux_loss_coef,
+                moe_grouped_gemm=True,
+                moe_token_dispatcher_type="alltoall",
+            )
+        return fields
+
+    def vision_transformer_fields(self) -> dict[str, Any]:
+        """Architecture fields of the vision tower's `TransformerConfig`: Qwen3.5's blocks."""
+        from models.qwen35_vl.configuration import vision_tower_fields
+
+        return vision_tower_fields(self.vision)
 
     # ---- parameter counts (by formula, equal to the HF model's) ----------------------------
 

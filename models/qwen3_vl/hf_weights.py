@@ -1,6 +1,6 @@
 """Hugging Face <-> megatron weight mapping for Qwen3-VL (dense and MoE), one rule per megatron
-tensor. The megatron names here are the contract for the megatron model (GPTModel with the
-Transformer Engine layer spec under `language_model.`, a qwen35-style vision tower under
+tensor. The megatron names are those of our megatron model (a HybridModel decoder with Transformer
+Engine layers under `language_model.`, Qwen3.5's vision tower plus DeepStack mergers under
 `vision.`); `shard_for_tensor_parallel` gives the slice a TP rank holds.
 """
 
@@ -240,13 +240,12 @@ def _language_rules(config: Qwen3VLConfig) -> Iterator[WeightRule]:
         (HF_TEXT + "embed_tokens.weight",),
         tp=COLUMN,
     )
-    # One megatron TransformerLayer per HF decoder layer (same index), unlike qwen35 where the
-    # mixer and the MLP are separate megatron layers.
+    # HF decoder layer i is two megatron hybrid layers: attention at 2i, its MLP or MoE at 2i + 1.
     for i, sparse in enumerate(t.sparse_layers):
-        meg, hf = f"{MEGATRON_TEXT}decoder.layers.{i}.", f"{HF_TEXT}layers.{i}."
-        yield from _attention_rules(config, meg, hf)
-        yield from _mlp_rules(config, meg, hf, sparse)
-    yield WeightRule(MEGATRON_TEXT + "decoder.final_layernorm.weight", (HF_TEXT + "norm.weight",))
+        hf = f"{HF_TEXT}layers.{i}."
+        yield from _attention_rules(config, f"{MEGATRON_TEXT}decoder.layers.{2 * i}.", hf)
+        yield from _mlp_rules(config, f"{MEGATRON_TEXT}decoder.layers.{2 * i + 1}.", hf, sparse)
+    yield WeightRule(MEGATRON_TEXT + "decoder.final_norm.weight", (HF_TEXT + "norm.weight",))
     if not t.tie_word_embeddings:
         # With tied embeddings megatron's output layer reuses word_embeddings (no tensor).
         yield WeightRule(MEGATRON_TEXT + "output_layer.weight", (HF_LM_HEAD,), tp=COLUMN)
