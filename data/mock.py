@@ -40,14 +40,14 @@ PALETTE = np.array(
 
 @dataclass(frozen=True)
 class MockTokens:
-    """Token ids the mock conversations use (Qwen3.5 tokenizer ids by default)."""
+    """Token ids the mock conversations use: the model's markers and chat-template tokens."""
 
     image: int
     vision_start: int
     vision_end: int
-    im_start: int = 248045
-    im_end: int = 248046
-    pad: int = 248044
+    im_start: int
+    im_end: int
+    pad: int
     # Ordinary tokens: prompt words are drawn from [text_low, text_low + text_range).
     text_low: int = 1000
     text_range: int = 4096
@@ -59,6 +59,9 @@ class MockTokens:
             image=config.image_token_id,
             vision_start=config.vision_start_token_id,
             vision_end=config.vision_end_token_id,
+            im_start=config.im_start_token_id,
+            im_end=config.im_end_token_id,
+            pad=config.pad_token_id,
         )
         largest = max(tokens.special_ids() | {tokens.text_low + tokens.text_range})
         if largest >= config.text.vocab_size:

@@ -2,7 +2,8 @@
 check that a fine-tune from an imported checkpoint starts at HF's loss; exits non-zero when a
 named run's iteration-1 loss does not (limits: LIMIT and CONTROL_FRACTION in this file).
 
-    python -m scripts.hf_batch_loss --hf-path HF --seq-len 1024 --gbs 4 --train-iters 20 RUN/tb...
+    python -m scripts.hf_batch_loss [--model qwen3_vl] --hf-path HF --seq-len 1024 --gbs 4 \
+        --train-iters 20 RUN/tensorboard ...
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def first_global_batch(config, args: argparse.Namespace) -> list[tuple[dict, dic
     data_args.tensor_model_parallel_size = data_args.context_parallel_size = 1
     data_args.sequence_parallel = False
     data_args.seed = args.seed
-    provider = get_model_spec("qwen35_vl").dataset_provider("mock")
+    provider = get_model_spec(args.model).dataset_provider("mock")
     splits = provider.build(data_args, config, (args.train_iters * args.gbs, 0, 0))
     collate = collate_config(data_args, config, splits)
     recorded = RecordingDataset(splits.train)
@@ -83,6 +84,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="TensorBoard directories of the fine-tune runs")
+    parser.add_argument("--model", default="qwen35_vl", help="registry entry of the checkpoint")
     parser.add_argument("--hf-path", required=True)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--gbs", type=int, required=True)
@@ -90,24 +92,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
 
-    from transformers import (
-        AutoConfig,
-        Qwen3_5ForConditionalGeneration,
-        Qwen3_5MoeForConditionalGeneration,
-    )
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from models.qwen35_vl.configuration import from_hf_config
+    from models import get_model_spec
 
-    config = from_hf_config(AutoConfig.from_pretrained(args.hf_path), name=args.hf_path)
-    moe = config.text.is_moe
-    hf_class = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
+    hf_config = AutoConfig.from_pretrained(args.hf_path)
+    config = get_model_spec(args.model).from_hf_config(hf_config, name=args.hf_path)
     pairs = first_global_batch(config, args)
-    model = hf_class.from_pretrained(args.hf_path, dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(args.hf_path, dtype=torch.bfloat16)
     reference = hf_loss(model.cuda().eval(), config, pairs)
     torch.manual_seed(1)
-    control_model = hf_class._from_config(
-        AutoConfig.from_pretrained(args.hf_path), dtype=torch.bfloat16
-    )
+    control_model = AutoModelForImageTextToText.from_config(hf_config, dtype=torch.bfloat16)
     control = hf_loss(control_model.cuda().eval(), config, pairs)
     tokens = sum(int(b["loss_mask"].sum()) for _, b in pairs)
     control_rel = abs(control - reference) / reference

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
-from models.qwen35_vl.configuration import get_variant
+from models import get_model_spec
 from scripts.hf_batch_loss import first_global_batch
 
 
-def test_first_global_batch_pairs_samples_with_their_micro_batches():
-    config = get_variant("proxy")
-    args = argparse.Namespace(seq_len=1024, gbs=4, train_iters=20, seed=1234)
+@pytest.mark.parametrize("model", ["qwen35_vl", "qwen3_vl"])
+def test_first_global_batch_pairs_samples_with_their_micro_batches(model):
+    config = get_model_spec(model).get_variant("proxy")
+    args = argparse.Namespace(model=model, seq_len=1024, gbs=4, train_iters=20, seed=1234)
     pairs = first_global_batch(config, args)
     assert len(pairs) == 4
     seen = set()

@@ -5,6 +5,7 @@ settings it refuses, and the collate's MRoPE positions from its spec.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -91,3 +92,20 @@ def test_collate_takes_qwen3_vl_positions_from_its_spec():
     positions = batch["position_ids"]
     assert torch.equal(positions.reshape(-1, 3)[:length].T, expected)
     assert torch.equal(positions.reshape(-1, 3)[length : 2 * length].T, expected)
+
+
+def test_mock_conversations_use_qwen3_vl_token_ids():
+    """The mock provider builds Qwen3-VL conversations from its own tokenizer's ids (151k vocab),
+    not Qwen3.5's (248k)."""
+    config = get_variant("proxy")
+    args = argparse.Namespace(
+        micro_batch_size=1, data_parallel_size=1, total_seq_length=512, seed=1,
+        min_pixels=4 * 32 * 32, max_pixels=64 * 32 * 32, mock_max_images=2,
+    )  # fmt: skip
+    splits = SPEC.dataset_provider("mock").build(args, config, (2, 1, 1))
+    ids = torch.cat([splits.train[i]["input_ids"] for i in range(2)])
+    assert int(ids.max()) < config.text.vocab_size
+    assert {config.im_start_token_id, config.im_end_token_id, config.image_token_id} <= set(
+        ids.tolist()
+    )
+    assert splits.pad_token_id == config.pad_token_id == 151643

@@ -116,6 +116,11 @@ class Qwen35VLConfig:
     video_token_id: int = 248057
     vision_start_token_id: int = 248053
     vision_end_token_id: int = 248054
+    # Chat-template tokens of the released tokenizer (<|im_start|>, <|im_end|>, <|endoftext|>),
+    # which synthetic conversations use.
+    im_start_token_id: int = 248045
+    im_end_token_id: int = 248046
+    pad_token_id: int = 248044
     source: str = ""
 
     def __post_init__(self) -> None:

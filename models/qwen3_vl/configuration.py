@@ -277,6 +277,11 @@ class Qwen3VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    # Chat-template tokens of the released tokenizer (<|im_start|>, <|im_end|>, <|endoftext|>),
+    # which synthetic conversations use.
+    im_start_token_id: int = 151644
+    im_end_token_id: int = 151645
+    pad_token_id: int = 151643
     source: str = ""
 
     def __post_init__(self) -> None:
