@@ -7,11 +7,13 @@
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
 #   scripts/run_gpu_checks.sh cp|cp_curve|bench_cp|finetune_layouts  OUT_DIR   # two GPUs
+#   scripts/run_gpu_checks.sh qwen3_vl                                 OUT_DIR   # two GPUs: the
+#     second model family's parity, import, fine-tunes (1 GPU, CP=2 THD) and export
 #   [MATRIX_JOBS=12] scripts/run_gpu_checks.sh matrix                 OUT_DIR   # 1-2 GPUs: every
 #     launcher configuration (scripts/launcher_matrix.py), runs side by side
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, cp_curve, bench_cp, finetune_layouts or matrix}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, cp_curve, bench_cp, finetune_layouts, qwen3_vl or matrix}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -214,6 +216,50 @@ PY
       > "$OUT/matrix.log" 2>&1
     pkill -f pretrain_multimodal.py  # runs still going when the time ran out
     "$PYTHON" scripts/launcher_matrix.py "$OUT" --table-only ;;
+  qwen3_vl)
+    # The second model family: HF parity (with and without TF32), then a random proxy-sized HF
+    # checkpoint -> import -> 20 fine-tuning steps on one GPU and at CP=2 with THD -> iteration 1
+    # against HF's loss on the same batch -> export of the fine-tuned checkpoint, which
+    # transformers loads. Its launcher layouts are the matrix's qwen3vl_* rows.
+    timeout 280 torchrun --standalone --nproc-per-node 1 tests/test_qwen3_vl_parity.py \
+      > "$OUT/parity.log" 2>&1 &
+    NVIDIA_TF32_OVERRIDE=0 timeout 280 torchrun --standalone --nproc-per-node 1 \
+      tests/test_qwen3_vl_parity.py > "$OUT/parity_no_tf32.log" 2>&1
+    wait
+    table "$OUT/parity.log"; echo "### without TF32"; table "$OUT/parity_no_tf32.log"
+    "$PYTHON" - "$OUT/qwen3_vl_hf" <<'PY'
+import sys
+import torch
+from transformers import AutoModelForImageTextToText
+from models import get_model_spec
+hf_config = get_model_spec("qwen3_vl").get_variant("proxy").to_hf_config()
+hf_config.text_config.initializer_range = 0.05
+torch.manual_seed(0)
+AutoModelForImageTextToText.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(sys.argv[1])
+PY
+    "$PYTHON" scripts/convert_hf_checkpoint.py import --model qwen3_vl --hf-path "$OUT/qwen3_vl_hf" \
+      --out "$OUT/qwen3_vl_ckpt" > "$OUT/import.log" 2>&1; tail -1 "$OUT/import.log"
+    finetune=(MODEL=qwen3_vl MODEL_VARIANT=proxy TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5
+      CKPT_RESUME=0 CKPT_LOAD="$OUT/qwen3_vl_ckpt")
+    train finetune "${finetune[@]}" GPUS_PER_NODE=1 CKPT_SAVE="$OUT/finetune_ckpt" SAVE_INTERVAL=20
+    train finetune_cp2 "${finetune[@]}" GPUS_PER_NODE=2 CP=2 PACKED=1
+    "$PYTHON" -m scripts.hf_batch_loss --model qwen3_vl --hf-path "$OUT/qwen3_vl_hf" --seq-len 1024 \
+      --gbs 4 --train-iters 20 "$OUT/finetune/tensorboard" "$OUT/finetune_cp2/tensorboard" \
+      > "$OUT/hf_loss.log" 2>&1
+    table "$OUT/hf_loss.log"
+    "$PYTHON" scripts/convert_hf_checkpoint.py export --model qwen3_vl \
+      --megatron-path "$OUT/finetune_ckpt" --out "$OUT/exported_hf" > "$OUT/export.log" 2>&1
+    tail -1 "$OUT/export.log"
+    "$PYTHON" - "$OUT/exported_hf" "$OUT/qwen3_vl_hf" <<'PY'
+import sys
+import torch
+from transformers import AutoModelForImageTextToText
+tuned, start = (AutoModelForImageTextToText.from_pretrained(p).state_dict() for p in sys.argv[1:])
+moved = sum(not torch.equal(tuned[k], start[k]) for k in start)
+print(f"| export of the fine-tuned checkpoint loads in transformers | {len(tuned)} tensors, "
+      f"{moved} changed by fine-tuning | {'pass' if tuned.keys() == start.keys() and moved else 'FAIL'} |")
+PY
+    rm -rf "$OUT"/qwen3_vl_hf "$OUT"/qwen3_vl_ckpt "$OUT"/finetune_ckpt "$OUT"/exported_hf ;;
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;

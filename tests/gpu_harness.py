@@ -5,6 +5,7 @@ result table. Imported by tests/test_*.py scripts; not a test itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from data.collate import CollateConfig, pack_or_pad_batch
 from data.mock import interleaved_sample
 from models.qwen35_vl.configuration import Qwen35VLConfig, TextConfig, VisionConfig
 from models.qwen35_vl.vision_inputs import SampleInputs
+from models.spec import ModelInputs
 
 TINY_TOKENS = dict(
     image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003
@@ -145,7 +147,15 @@ def build_hf(config: Qwen35VLConfig, seed: int = 0):
         else Qwen3_5ForConditionalGeneration
     )
     model = hf_class(config.to_hf_config(attn_implementation="eager"))
-    generator = torch.Generator().manual_seed(seed + 1)
+    perturb_hf_parameters(model, seed + 1)
+    return model.cuda().eval()
+
+
+def perturb_hf_parameters(model: torch.nn.Module, seed: int) -> None:
+    """Add 0.1 x N(0, 1) to every 1-D parameter of an HF model (norms, biases, ...), so that a
+    wrong norm convention or a dropped bias shows up in the outputs, and draw the token embedding
+    and output layer from N(0, 0.5) so that top-1 decisions are meaningful in bf16 comparisons."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1:
@@ -154,7 +164,6 @@ def build_hf(config: Qwen35VLConfig, seed: int = 0):
             if "embed_tokens" in name or "lm_head" in name:
                 # Spread the logits so top-1 decisions are meaningful for the bf16 comparison.
                 parameter.normal_(0.0, 0.5, generator=generator)
-    return model.cuda().eval()
 
 
 def hf_reference_kernels() -> None:
@@ -178,10 +187,17 @@ def load_hf_weights(model, hf_model, config: Qwen35VLConfig) -> None:
     load_hf_tensors(model, state, config)
 
 
-def load_hf_tensors(model, hf_tensors: dict[str, torch.Tensor], config: Qwen35VLConfig) -> None:
-    """Copy HF tensors in checkpoint layout into our (TP=1) model through the weight mapping;
-    strict except for TE's `_extra_state` entries."""
-    from models.qwen35_vl.hf_weights import hf_to_megatron
+def load_hf_tensors(
+    model,
+    hf_tensors: dict[str, torch.Tensor],
+    config: Any,
+    hf_to_megatron: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Copy HF tensors in checkpoint layout into our (TP=1) model through the weight mapping
+    (`hf_to_megatron(tensors, config)`, Qwen3.5-VL's by default); strict except for TE's
+    `_extra_state` entries."""
+    if hf_to_megatron is None:
+        from models.qwen35_vl.hf_weights import hf_to_megatron
 
     result = model.load_state_dict(hf_to_megatron(hf_tensors, config), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -208,13 +224,16 @@ def collate(
     mode: str,
     seq_length: int,
     pad_multiple: int = 1,
+    model_inputs: ModelInputs | None = None,
 ) -> dict[str, Any]:
+    """Collate with the tiny vocabulary's special tokens ignored as labels; `model_inputs` are
+    Qwen3.5-VL's unless given (another model's `SampleInputs.of(config)`)."""
     special = frozenset(TINY_TOKENS.values()) | {0}
     collate_config = CollateConfig(
         mode=mode,
         seq_length=seq_length,
         pad_token_id=0,
-        model_inputs=SampleInputs.of(config),
+        model_inputs=model_inputs if model_inputs is not None else SampleInputs.of(config),
         pad_multiple=pad_multiple,
         ignored_label_ids=special,
     )
@@ -326,6 +345,28 @@ class NonFiniteGradientTrace:
 
 
 # ---- reporting ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def torch_tf32(enabled: bool) -> Iterator[None]:
+    """Toggle TF32 GEMMs in torch (an HF reference's side; TE decides for itself)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def fp32_limit(goal: float, floor: float) -> float:
+    """Limit of an fp32 comparison with a TF32 side: the goal, or twice the measured TF32 floor
+    (two independent TF32 implementations each contribute about one floor)."""
+    return max(goal, 2 * floor)
+
+
+def group_norm(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
+    """L2 norm (float64) over the named tensors together."""
+    return torch.sqrt(sum(tensors[n].double().pow(2).sum() for n in names))
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
