@@ -404,6 +404,20 @@ def table(out: str, runs: list[Run]) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def with_prerequisites(names: set[str], runs: list[Run]) -> list[Run]:
+    """The runs named, and every run they are judged against or wait for, transitively."""
+    by_name = {run.name: run for run in runs}
+    wanted, pending = set(), list(names)
+    while pending:
+        name = pending.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        run = by_name[name]
+        pending += [other for other in (run.after, run.reference, run.equal_to) if other]
+    return [run for run in runs if run.name in wanted]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", default="runs/launcher_matrix")
@@ -421,10 +435,7 @@ def main() -> int:
         unknown = set(args.only) - {run.name for run in runs}
         if unknown:
             parser.error(f"unknown runs {sorted(unknown)}; see --list")
-        wanted = set(args.only)
-        wanted |= {run.after for run in runs if run.name in wanted and run.after}
-        wanted |= {run.reference for run in runs if run.name in wanted and run.reference}
-        runs = [run for run in runs if run.name in wanted]
+        runs = with_prerequisites(set(args.only), runs)
     out = os.path.abspath(args.out)
     if args.table_only and not os.path.isdir(out):
         parser.error(f"{out} holds no matrix runs")

@@ -248,7 +248,8 @@ PY
       > "$OUT/hf_loss.log" 2>&1
     table "$OUT/hf_loss.log"
     "$PYTHON" scripts/convert_hf_checkpoint.py export --model qwen3_vl \
-      --megatron-path "$OUT/finetune_ckpt" --out "$OUT/exported_hf" > "$OUT/export.log" 2>&1
+      --megatron-path "$OUT/finetune_ckpt" --hf-config "$OUT/qwen3_vl_hf" --out "$OUT/exported_hf" \
+      > "$OUT/export.log" 2>&1
     tail -1 "$OUT/export.log"
     "$PYTHON" - "$OUT/exported_hf" "$OUT/qwen3_vl_hf" <<'PY'
 import sys

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from scripts import launcher_matrix
-from scripts.launcher_matrix import Run, all_runs, table
+from scripts.launcher_matrix import Run, all_runs, table, with_prerequisites
 
 
 def write_run(out, name: str, losses: dict[int, float], log: str = "", code: int = 0) -> None:
@@ -98,3 +98,12 @@ def test_matrix_needs_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["launcher_matrix.py", str(tmp_path)])
     with pytest.raises(SystemExit, match="no GPU found"):
         launcher_matrix.main()
+
+
+def test_only_brings_every_prerequisite():
+    """A run's reference, the run it must equal and the run it resumes from come along."""
+    names = {
+        run.name
+        for run in with_prerequisites({"proxy_det_again", "proxy_det_resume10"}, all_runs())
+    }
+    assert names == {"proxy_det_again", "proxy_det", "proxy_det_resume10", "proxy_1gpu"}
