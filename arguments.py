@@ -233,9 +233,13 @@ def check_early(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{flag_value('--dataset-provider', args.dataset_provider)}: {error}"
         ) from error
-    unit = 32 * 32
-    if args.min_pixels < unit:
-        raise ValueError(f"--min-pixels {args.min_pixels} is below one 32x32 merged patch ({unit})")
+    vision = model_config_from_args(args).vision
+    side = vision.patch_size * vision.spatial_merge_size  # pixels of one image token, per side
+    if args.min_pixels < side * side:
+        raise ValueError(
+            f"--min-pixels {args.min_pixels} is below one {side}x{side} merged patch "
+            f"({side * side} pixels, one image token)"
+        )
     if args.max_pixels < args.min_pixels:
         raise ValueError(
             f"--max-pixels {args.max_pixels} is smaller than --min-pixels {args.min_pixels}"

@@ -246,8 +246,9 @@ def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None =
         return f"world {world} is not divisible by ETP x EP x PP"
     if model.attention_heads % tp or model.query_groups % tp:
         return f"TP {tp} does not divide the attention heads and query groups"
-    if any(heads % (tp * cp) for heads in model.tp_cp_heads.values()):
-        return f"Gated DeltaNet heads do not split over TP {tp} x CP {cp}"
+    for kind, heads in model.tp_cp_heads.items():
+        if heads % (tp * cp):
+            return f"the {heads} {kind} heads do not split over TP {tp} x CP {cp}"
     if ep > 1 and (not model.num_experts or model.num_experts % ep):
         return f"EP {ep} does not divide the {model.num_experts} experts"
     if layout.recompute and model.full_recompute_problem:

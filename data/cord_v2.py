@@ -105,12 +105,14 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_tokenizer_and_image_processor(path: str) -> tuple[Any, Any]:
-    """Tokenizer and image processor of a local HF directory: AutoProcessor where it loads (it
-    needs torchvision for the Qwen3.5 processor's video half), else AutoTokenizer plus the PIL
-    Qwen2-VL image processor saved there."""
-    from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
+    """Tokenizer and image processor of a local HF directory: AutoProcessor where it loads (the
+    Qwen processors need torchvision for their video half), else AutoTokenizer plus the PIL
+    backend of the image processor saved there."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+        PreTrainedTokenizerBase,
     )
 
     if not path or not os.path.isdir(path):
@@ -128,8 +130,8 @@ def load_tokenizer_and_image_processor(path: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     if image_processor is None:
         try:
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        except OSError as error:
+            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        except (OSError, ValueError) as error:
             raise ValueError(
                 f"{path} has no image processor config (preprocessor_config.json); download the "
                 "processor files of the model along with the tokenizer"

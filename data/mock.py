@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from models.qwen35_vl.configuration import Qwen35VLConfig
+from models.spec import VisionLanguageConfig
 
 from .loader import DatasetSplits
 
@@ -54,7 +53,7 @@ class MockTokens:
     colour_base: int = 500
 
     @classmethod
-    def for_model(cls, config: Qwen35VLConfig) -> MockTokens:
+    def for_model(cls, config: VisionLanguageConfig) -> MockTokens:
         tokens = cls(
             image=config.image_token_id,
             vision_start=config.vision_start_token_id,
@@ -86,20 +85,6 @@ class MockTokens:
         return frozenset(self.special_ids() - (set() if mask_im_end else {self.im_end}))
 
 
-def qwen_image_processor(min_pixels: int, max_pixels: int, config: Qwen35VLConfig):
-    """The Qwen2-VL image processor (Qwen3.5 uses it) with the model's patch geometry."""
-    vision = config.vision
-    return Qwen2VLImageProcessorPil(
-        patch_size=vision.patch_size,
-        temporal_patch_size=vision.temporal_patch_size,
-        merge_size=vision.spatial_merge_size,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-    )
-
-
 class MockVLMDataset(Dataset):
     """`num_samples` deterministic samples; sample i depends only on (seed, i)."""
 
@@ -107,7 +92,7 @@ class MockVLMDataset(Dataset):
         self,
         num_samples: int,
         seq_length: int,
-        config: Qwen35VLConfig,
+        config: VisionLanguageConfig,
         seed: int,
         min_pixels: int,
         max_pixels: int,
@@ -118,7 +103,7 @@ class MockVLMDataset(Dataset):
         self.seed = seed
         self.max_images = max_images
         self.tokens = MockTokens.for_model(config)
-        self.processor = qwen_image_processor(min_pixels, max_pixels, config)
+        self.processor = config.image_processor(min_pixels, max_pixels)
         self.unit = config.vision.patch_size * config.vision.spatial_merge_size
         self.min_cells = -(-min_pixels // self.unit**2)
         self.max_cells = max_pixels // self.unit**2
@@ -185,7 +170,7 @@ class MockVLMDataset(Dataset):
 
 
 def interleaved_sample(
-    config: Qwen35VLConfig,
+    config: VisionLanguageConfig,
     seed: int,
     text_lengths: Sequence[int],
     image_sizes: Sequence[tuple[int, int]],
@@ -196,7 +181,8 @@ def interleaved_sample(
     images). Ordinary tokens are drawn from [0, text_vocab); the second half is supervised.
     Used by tests and benchmarks that need exact lengths and image sizes."""
     rng = np.random.default_rng(seed)
-    processor = qwen_image_processor(32 * 32, 16384 * 32 * 32, config)
+    unit = config.vision.patch_size * config.vision.spatial_merge_size  # one merged token's side
+    processor = config.image_processor(unit * unit, 16384 * unit * unit)
     ids: list[int] = []
     grids, pixels = [], []
     for index, length in enumerate(text_lengths):
@@ -220,7 +206,7 @@ def interleaved_sample(
 
 
 def build_datasets(
-    args: Any, config: Qwen35VLConfig, num_samples: tuple[int, int, int]
+    args: Any, config: VisionLanguageConfig, num_samples: tuple[int, int, int]
 ) -> DatasetSplits:
     """Dataset provider `mock`: train / valid / test splits with different seeds; the answers'
     closing im_end is trained unless --mask-im-end."""
@@ -242,7 +228,7 @@ def build_datasets(
     return DatasetSplits(*splits, pad_token_id=tokens.pad, ignored_label_ids=ignored)
 
 
-def describe_dataset(args: Any, config: Qwen35VLConfig) -> list[str]:
+def describe_dataset(args: Any, config: VisionLanguageConfig) -> list[str]:
     """The dry run's line for `mock`: nothing to read, samples come from the seed."""
     return [
         f"mock: synthetic samples from seed {args.seed} (1-{args.mock_max_images} images each, "

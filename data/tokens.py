@@ -28,7 +28,7 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
     if missing:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {', '.join(missing)} "
-            "token; a Qwen3.5 tokenizer is required"
+            "token; use the tokenizer of the model being trained (a Qwen vision-language one)"
         )
     return {field: vocab[token] for field, token in TOKEN_FIELDS.items()}
 

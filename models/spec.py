@@ -25,6 +25,30 @@ class ModelInputs(Protocol):
     def vision_inputs(self, pixel_values: Tensor, image_grid_thw: Tensor) -> Any: ...
 
 
+class VisionLanguageConfig(Protocol):
+    """What the data path reads of a model's configuration (each model folder's config
+    dataclass provides it): the vocabulary (`text.vocab_size`), the image placeholder and
+    chat-template token ids, the vision patch geometry (`vision.patch_size`,
+    `vision.temporal_patch_size`, `vision.spatial_merge_size`) and the image processor that cuts
+    images into it."""
+
+    name: str
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    im_start_token_id: int
+    im_end_token_id: int
+    pad_token_id: int
+
+    @property
+    def text(self) -> Any: ...
+
+    @property
+    def vision(self) -> Any: ...
+
+    def image_processor(self, min_pixels: int, max_pixels: int) -> Any: ...
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the generic checks and the memory planner need of a model: parameter counts by how

@@ -102,7 +102,7 @@ def test_planned_gpu_is_named_by_plan_gpu():
     ("variant", "layout", "problem"),
     [
         ("35b_a3b", Layout(gpus_per_node=4, tp=4), "TP 4 does not divide"),  # 2 query groups
-        ("9b", Layout(gpus_per_node=32, tp=2, cp=16), "Gated DeltaNet heads"),
+        ("9b", Layout(gpus_per_node=32, tp=2, cp=16), "Gated DeltaNet key heads do not split"),
         ("35b_a3b", Layout(gpus_per_node=8, ep=3), "world 8 is not divisible by ETP x EP"),
         ("35b_a3b", Layout(gpus_per_node=512, ep=512), "does not divide the 256 experts"),
         ("9b", Layout(gpus_per_node=2, ep=2), "does not divide the 0 experts"),

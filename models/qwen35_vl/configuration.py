@@ -204,6 +204,9 @@ class Qwen35VLConfig:
         """Architecture fields of the vision tower's `TransformerConfig`."""
         return vision_tower_fields(self.vision)
 
+    def image_processor(self, min_pixels: int, max_pixels: int) -> Any:
+        return qwen_vl_image_processor(self.vision, min_pixels, max_pixels)
+
     # ---- parameter counts (exact, equal to the HF model's without MTP) --------------------
 
     def parameter_counts(self) -> ParameterCounts:
@@ -371,6 +374,25 @@ def gelu_tanh(x):
     import torch.nn.functional as F
 
     return F.gelu(x, approximate="tanh")
+
+
+def qwen_vl_image_processor(vision: VisionConfig, min_pixels: int, max_pixels: int) -> Any:
+    """HF's Qwen2-VL image processor (PIL backend), which the Qwen3-VL and Qwen3.5 releases use,
+    with the tower's patch geometry: images resized within [min_pixels, max_pixels] to multiples
+    of patch x merge, normalised to [-1, 1], cut into flattened patches."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
 
 
 def vision_tower_fields(v: VisionConfig) -> dict[str, Any]:

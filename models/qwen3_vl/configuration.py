@@ -389,6 +389,12 @@ class Qwen3VLConfig:
 
         return vision_tower_fields(self.vision)
 
+    def image_processor(self, min_pixels: int, max_pixels: int) -> Any:
+        """HF's Qwen2-VL image processor with this tower's patch geometry (Qwen3.5's too)."""
+        from models.qwen35_vl.configuration import qwen_vl_image_processor
+
+        return qwen_vl_image_processor(self.vision, min_pixels, max_pixels)
+
     # ---- parameter counts (by formula, equal to the HF model's) ----------------------------
 
     def parameter_counts(self) -> ParameterCounts:
