@@ -24,7 +24,6 @@ error (bf16 keeps 8 mantissa bits: 3e-2 after a few layers).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -39,6 +38,8 @@ from tests.gpu_harness import (
     build_hf,
     build_megatron,
     collate,
+    fp32_limit,
+    group_norm,
     hf_inputs,
     hf_reference_kernels,
     init_distributed,
@@ -52,27 +53,13 @@ from tests.gpu_harness import (
     run_with_torchrun,
     set_model_parallel,
     tiny_config,
+    torch_tf32,
 )
 
 SAMPLES = [  # (seed, text segment lengths, image sizes (h, w))
     (11, (9, 17, 6), ((64, 96), (160, 64))),
     (12, (5, 23), ((96, 96),)),
 ]
-
-
-@contextlib.contextmanager
-def torch_tf32(enabled: bool):
-    """Toggle TF32 GEMMs in torch (HF's reference side)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def fp32_limit(goal: float, floor: float) -> float:
-    return max(goal, 2 * floor)
 
 
 def vision_checks(config, hf, dtype_name: str) -> Iterator[Check]:
@@ -266,10 +253,6 @@ def gradient_checks(config, hf, tag: str) -> Iterator[Check]:
             f"|g|={float(ref_norm):.3e}, TF32 floor {floor:.1e}, rel ||dg||={diff:.1e}",
         )
     del model
-
-
-def group_norm(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    return torch.sqrt(sum(tensors[n].double().pow(2).sum() for n in names))
 
 
 def count_checks(config, tag: str) -> Iterator[Check]:

@@ -105,13 +105,15 @@ def build_model(
     recompute_vision: bool = False,
     parallel_output: bool = True,
     vp_stage: int | None = None,
+    model_class: type | None = None,
 ):
-    """The whole model on this rank (the registry's model factory); needs CUDA and TE."""
+    """The whole model on this rank (the registry's model factory); needs CUDA and TE.
+    `model_class`: `Qwen35VLModel` or a subclass sharing its structure (Qwen3-VL's)."""
     from .model import Qwen35VLModel
 
     require_matching_cudnn()
     language, vision = transformer_configs(model_config, base, recompute_vision)
-    return Qwen35VLModel(
+    return (model_class or Qwen35VLModel)(
         model_config,
         language,
         vision,

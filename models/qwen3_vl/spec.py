@@ -1,6 +1,7 @@
 """Qwen3-VL's `ModelSpec`: the registry's one entry point into this folder. It binds the
 configuration, the factory, the FLOPs model, the weight conversion and the dataset providers to
-the callables the generic entry points use.
+the callables the generic entry points use; the TransformerConfigs and megatron arguments come
+from Qwen3.5's spec, which reads them from the config (the two configs share those methods).
 """
 
 from __future__ import annotations
@@ -9,41 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from models.qwen35_vl.configuration import human_count
+from models.qwen35_vl.spec import model_args, transformer_configs
 from models.spec import ModelShape, ModelSpec, data_module_provider
 
 from . import configuration, flops
 from .checkpoint_layout import WEIGHTS
 from .configuration import Qwen3VLConfig
 from .vision_inputs import SampleInputs
-
-
-def build_model(config: Qwen3VLConfig, base: Any, pg_collection: Any, **options: Any) -> Any:
-    """`factory.build_model`, imported on use: megatron-core's import prints library warnings,
-    which the dry run keeps out of its plan."""
-    from .factory import build_model as build
-
-    return build(config, base, pg_collection, **options)
-
-
-def transformer_configs(config: Qwen3VLConfig, base: Any, recompute_vision: bool = False) -> Any:
-    """(language, vision) TransformerConfigs, imported on use (see `build_model`)."""
-    from models.qwen35_vl.factory import transformer_configs as configs
-
-    return configs(config, base, recompute_vision)
-
-
-def model_args(config: Qwen3VLConfig) -> dict[str, Any]:
-    """Megatron arguments of the architecture that are not `TransformerConfig` fields, by dest:
-    the layer pattern (it sets megatron's layer count), vocabulary, positions (MRoPE is applied
-    by the model, so megatron adds none) and the output layer's tie."""
-    text = config.text
-    return {
-        "hybrid_layer_pattern": config.hybrid_layer_pattern(),
-        "vocab_size": text.vocab_size,
-        "max_position_embeddings": text.max_position_embeddings,
-        "position_embedding_type": "none",
-        "untie_embeddings_and_output_weights": not text.tie_word_embeddings,
-    }
 
 
 def shape(config: Qwen3VLConfig) -> ModelShape:
@@ -93,6 +66,14 @@ def describe(config: Qwen3VLConfig) -> list[str]:
         f"active {counts.active:,} ({human_count(counts.active)}); vision "
         f"{human_count(counts.vision)}",
     ]
+
+
+def build_model(config: Qwen3VLConfig, base: Any, pg_collection: Any, **options: Any) -> Any:
+    """`factory.build_model`, imported on use: megatron-core's import prints library warnings,
+    which the dry run keeps out of its plan."""
+    from .factory import build_model as build
+
+    return build(config, base, pg_collection, **options)
 
 
 SPEC = ModelSpec(
