@@ -53,7 +53,11 @@ class PatchMerger(MegatronModule):
     mergers, HF's `use_postshuffle_norm`)."""
 
     def __init__(
-        self, config: TransformerConfig, vision: VisionConfig, tp_group, norm_after_merge=False
+        self,
+        config: TransformerConfig,
+        vision: VisionConfig,
+        tp_group,
+        norm_after_merge: bool = False,
     ) -> None:
         super().__init__(config=config)
         self.merged_size = vision.hidden_size * vision.spatial_merge_size**2
