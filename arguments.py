@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from models import get_model_spec
@@ -453,43 +454,66 @@ def single(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def check_layout(args: argparse.Namespace, config: Any) -> None:
-    """The layout rules that depend on the model (from its spec's `ModelShape`): experts for EP,
-    heads that TP x CP split, full-layer recompute, the sequence length against the model's
-    positions."""
-    spec = get_model_spec(args.model_name)
-    shape = spec.shape(config)
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    ep, name = args.expert_model_parallel_size, config.name
+def model_layout_problem(
+    shape: Any,
+    name: str,
+    tp: int,
+    cp: int,
+    ep: int,
+    recompute: bool = False,
+    seq_length: int | None = None,
+    moe_variants: Sequence[str] = (),
+) -> str:
+    """Why the model (its spec's `ModelShape`) refuses this layout, naming the setting to change,
+    or '': experts for EP, heads that TP x CP split, full-layer recompute, the sequence length
+    against the model's positions. The launcher's checks and the planner's suggestions both ask
+    here."""
     if ep > 1 and not shape.num_experts:
-        moe = [v for v, variant in spec.variants.items() if spec.shape(variant).num_experts]
-        raise ValueError(
+        other = f" (or a MoE variant: {', '.join(moe_variants)})" if moe_variants else ""
+        return (
             f"{setting('--expert-model-parallel-size', ep)} needs a mixture-of-experts model, but "
-            f"{name} is dense; use EP=1" + (f" (or a MoE variant: {', '.join(moe)})" if moe else "")
+            f"{name} is dense; use EP=1{other}"
         )
     if shape.num_experts % ep:
-        raise ValueError(
+        return (
             f"{setting('--expert-model-parallel-size', ep)}: the {shape.num_experts} experts of "
             f"{name} do not split over it; use an EP dividing {shape.num_experts}"
         )
     for kind, heads in shape.tp_cp_heads.items():
         if heads % (tp * cp):
-            raise ValueError(
+            return (
                 f"{kind} heads: {name} has {heads}, which megatron shards over TP and then over "
                 f"CP in its all-to-all, and TP {tp} x CP {cp} does not divide them; choose TP x "
                 f"CP dividing {math.gcd(*shape.tp_cp_heads.values())}"
             )
-    if getattr(args, "recompute_granularity", None) == "full" and shape.full_recompute_problem:
-        raise ValueError(
+    if recompute and shape.full_recompute_problem:
+        return (
             f"{setting('--recompute-granularity', 'full')} cannot train {name}: "
             f"{shape.full_recompute_problem}"
         )
-    if args.seq_length is not None and args.seq_length > shape.max_positions:
-        raise ValueError(
-            f"{setting('--seq-length', args.seq_length)}: above the {shape.max_positions} "
-            f"positions of {name} (max_position_embeddings); use SEQ_LEN={shape.max_positions} "
-            "or less"
+    if seq_length is not None and seq_length > shape.max_positions:
+        return (
+            f"{setting('--seq-length', seq_length)}: above the {shape.max_positions} positions "
+            f"of {name} (max_position_embeddings); use SEQ_LEN={shape.max_positions} or less"
         )
+    return ""
+
+
+def check_layout(args: argparse.Namespace, config: Any) -> None:
+    """Raise the model's objection to the arguments' layout (`model_layout_problem`), if any."""
+    spec = get_model_spec(args.model_name)
+    problem = model_layout_problem(
+        spec.shape(config),
+        config.name,
+        args.tensor_model_parallel_size,
+        args.context_parallel_size,
+        args.expert_model_parallel_size,
+        recompute=getattr(args, "recompute_granularity", None) == "full",
+        seq_length=args.seq_length,
+        moe_variants=[v for v, c in spec.variants.items() if spec.shape(c).num_experts],
+    )
+    if problem:
+        raise ValueError(problem)
 
 
 def pad_multiple_reason(args: argparse.Namespace) -> str:

@@ -237,7 +237,7 @@ def memory_plan(layout: Layout, model: ModelShape) -> dict[str, float]:
 
 def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None = None) -> str:
     """Why megatron or the model refuses `layout` ('' when it is accepted)."""
-    from arguments import sequence_multiple
+    from arguments import model_layout_problem, sequence_multiple
 
     tp, cp, ep, pp, world = layout.tp, layout.cp, layout.ep, layout.pp, layout.world
     if world % (tp * cp * pp):
@@ -246,13 +246,9 @@ def layout_problem(layout: Layout, model: ModelShape, global_batch: int | None =
         return f"world {world} is not divisible by ETP x EP x PP"
     if model.attention_heads % tp or model.query_groups % tp:
         return f"TP {tp} does not divide the attention heads and query groups"
-    for kind, heads in model.tp_cp_heads.items():
-        if heads % (tp * cp):
-            return f"the {heads} {kind} heads do not split over TP {tp} x CP {cp}"
-    if ep > 1 and (not model.num_experts or model.num_experts % ep):
-        return f"EP {ep} does not divide the {model.num_experts} experts"
-    if layout.recompute and model.full_recompute_problem:
-        return f"full-layer recompute: {model.full_recompute_problem}"
+    problem = model_layout_problem(model, "the model", tp, cp, ep, layout.recompute)
+    if problem:
+        return problem
     if cp > 1 and layout.seq_length % (2 * cp):
         return f"sequence length {layout.seq_length} is not a multiple of 2 x CP"
     multiple = sequence_multiple(tp, cp, layout.sequence_parallel)

@@ -102,10 +102,10 @@ def test_planned_gpu_is_named_by_plan_gpu():
     ("variant", "layout", "problem"),
     [
         ("35b_a3b", Layout(gpus_per_node=4, tp=4), "TP 4 does not divide"),  # 2 query groups
-        ("9b", Layout(gpus_per_node=32, tp=2, cp=16), "Gated DeltaNet key heads do not split"),
+        ("9b", Layout(gpus_per_node=32, tp=2, cp=16), "TP 2 x CP 16 does not divide them"),
         ("35b_a3b", Layout(gpus_per_node=8, ep=3), "world 8 is not divisible by ETP x EP"),
-        ("35b_a3b", Layout(gpus_per_node=512, ep=512), "does not divide the 256 experts"),
-        ("9b", Layout(gpus_per_node=2, ep=2), "does not divide the 0 experts"),
+        ("35b_a3b", Layout(gpus_per_node=512, ep=512), "the 256 experts of the model do not split"),
+        ("9b", Layout(gpus_per_node=2, ep=2), "needs a mixture-of-experts model"),
         ("9b", Layout(gpus_per_node=6, tp=4), "world 6 is not divisible by TP x CP x PP"),
         ("9b", Layout(gpus_per_node=2, cp=2, seq_length=4094), "not a multiple of 2 x CP"),
         ("9b", Layout(gpus_per_node=2, tp=2, seq_length=4095), "not a multiple of 2"),
