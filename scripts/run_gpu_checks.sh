@@ -217,41 +217,49 @@ PY
     pkill -f pretrain_multimodal.py  # runs still going when the time ran out
     "$PYTHON" scripts/launcher_matrix.py "$OUT" --table-only ;;
   qwen3_vl)
-    # The second model family: HF parity (with and without TF32), then a random proxy-sized HF
-    # checkpoint -> import -> 20 fine-tuning steps on one GPU and at CP=2 with THD -> iteration 1
-    # against HF's loss on the same batch -> export of the fine-tuned checkpoint, which
-    # transformers loads. Its launcher layouts are the matrix's qwen3vl_* rows.
+    # The second model family: HF parity (with and without TF32), then random proxy-sized HF
+    # checkpoints (dense and MoE) -> import -> 20 fine-tuning steps (dense: one GPU, saved, and
+    # CP=2 with THD; MoE: EP=2 with THD) -> iteration 1 against HF's loss on the same batch ->
+    # export of the saved dense fine-tune, which transformers loads. Its launcher layouts are the
+    # matrix's qwen3vl_* rows.
     timeout 280 torchrun --standalone --nproc-per-node 1 tests/test_qwen3_vl_parity.py \
       > "$OUT/parity.log" 2>&1 &
     NVIDIA_TF32_OVERRIDE=0 timeout 280 torchrun --standalone --nproc-per-node 1 \
       tests/test_qwen3_vl_parity.py > "$OUT/parity_no_tf32.log" 2>&1
     wait
     table "$OUT/parity.log"; echo "### without TF32"; table "$OUT/parity_no_tf32.log"
-    "$PYTHON" - "$OUT/qwen3_vl_hf" <<'PY'
+    for variant in proxy proxy-moe; do
+      "$PYTHON" - "$variant" "$OUT/${variant}_hf" <<'PY'
 import sys
 import torch
 from transformers import AutoModelForImageTextToText
 from models import get_model_spec
-hf_config = get_model_spec("qwen3_vl").get_variant("proxy").to_hf_config()
+hf_config = get_model_spec("qwen3_vl").get_variant(sys.argv[1]).to_hf_config()
 hf_config.text_config.initializer_range = 0.05
 torch.manual_seed(0)
-AutoModelForImageTextToText.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(sys.argv[1])
+AutoModelForImageTextToText.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(sys.argv[2])
 PY
-    "$PYTHON" scripts/convert_hf_checkpoint.py import --model qwen3_vl --hf-path "$OUT/qwen3_vl_hf" \
-      --out "$OUT/qwen3_vl_ckpt" > "$OUT/import.log" 2>&1; tail -1 "$OUT/import.log"
-    finetune=(MODEL=qwen3_vl MODEL_VARIANT=proxy TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5
-      CKPT_RESUME=0 CKPT_LOAD="$OUT/qwen3_vl_ckpt")
-    train finetune "${finetune[@]}" GPUS_PER_NODE=1 CKPT_SAVE="$OUT/finetune_ckpt" SAVE_INTERVAL=20
-    train finetune_cp2 "${finetune[@]}" GPUS_PER_NODE=2 CP=2 PACKED=1
-    "$PYTHON" -m scripts.hf_batch_loss --model qwen3_vl --hf-path "$OUT/qwen3_vl_hf" --seq-len 1024 \
-      --gbs 4 --train-iters 20 "$OUT/finetune/tensorboard" "$OUT/finetune_cp2/tensorboard" \
-      > "$OUT/hf_loss.log" 2>&1
-    table "$OUT/hf_loss.log"
+      "$PYTHON" scripts/convert_hf_checkpoint.py import --model qwen3_vl \
+        --hf-path "$OUT/${variant}_hf" --out "$OUT/${variant}_ckpt" > "$OUT/import_$variant.log" 2>&1
+      tail -1 "$OUT/import_$variant.log"
+    done
+    finetune=(MODEL=qwen3_vl TRAIN_ITERS=20 SEQ_LEN=1024 GBS=4 LR=1e-5 CKPT_RESUME=0)
+    dense=("${finetune[@]}" MODEL_VARIANT=proxy CKPT_LOAD="$OUT/proxy_ckpt")
+    train finetune "${dense[@]}" GPUS_PER_NODE=1 CKPT_SAVE="$OUT/finetune_ckpt" SAVE_INTERVAL=20
+    train finetune_cp2 "${dense[@]}" GPUS_PER_NODE=2 CP=2 PACKED=1
+    train finetune_moe_ep2 "${finetune[@]}" MODEL_VARIANT=proxy-moe CKPT_LOAD="$OUT/proxy-moe_ckpt" \
+      GPUS_PER_NODE=2 EP=2 PACKED=1
+    batch=(--model qwen3_vl --seq-len 1024 --gbs 4 --train-iters 20)
+    "$PYTHON" -m scripts.hf_batch_loss "${batch[@]}" --hf-path "$OUT/proxy_hf" \
+      "$OUT/finetune/tensorboard" "$OUT/finetune_cp2/tensorboard" > "$OUT/hf_loss.log" 2>&1
+    "$PYTHON" -m scripts.hf_batch_loss "${batch[@]}" --hf-path "$OUT/proxy-moe_hf" \
+      "$OUT/finetune_moe_ep2/tensorboard" > "$OUT/hf_loss_moe.log" 2>&1
+    table "$OUT/hf_loss.log"; table "$OUT/hf_loss_moe.log"
     "$PYTHON" scripts/convert_hf_checkpoint.py export --model qwen3_vl \
-      --megatron-path "$OUT/finetune_ckpt" --hf-config "$OUT/qwen3_vl_hf" --out "$OUT/exported_hf" \
+      --megatron-path "$OUT/finetune_ckpt" --hf-config "$OUT/proxy_hf" --out "$OUT/exported_hf" \
       > "$OUT/export.log" 2>&1
     tail -1 "$OUT/export.log"
-    "$PYTHON" - "$OUT/exported_hf" "$OUT/qwen3_vl_hf" <<'PY'
+    "$PYTHON" - "$OUT/exported_hf" "$OUT/proxy_hf" <<'PY'
 import sys
 import torch
 from transformers import AutoModelForImageTextToText
@@ -260,7 +268,7 @@ moved = sum(not torch.equal(tuned[k], start[k]) for k in start)
 print(f"| export of the fine-tuned checkpoint loads in transformers | {len(tuned)} tensors, "
       f"{moved} changed by fine-tuning | {'pass' if tuned.keys() == start.keys() and moved else 'FAIL'} |")
 PY
-    rm -rf "$OUT"/qwen3_vl_hf "$OUT"/qwen3_vl_ckpt "$OUT"/finetune_ckpt "$OUT"/exported_hf ;;
+    rm -rf "$OUT"/proxy*_hf "$OUT"/proxy*_ckpt "$OUT"/finetune_ckpt "$OUT"/exported_hf ;;
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;
