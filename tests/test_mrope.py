@@ -160,14 +160,14 @@ def test_thd_pack_restarts_positions_per_sample():
 
 def test_more_blocks_than_grids_raises():
     ids, grid = make_ids([2, [1, 4, 4], 2, [1, 4, 4], 2])
-    with pytest.raises(ValueError, match=r"more image placeholder blocks than image grids \(1\)"):
+    with pytest.raises(ValueError, match=r"more image placeholder runs than image grids \(1\)"):
         build_mrope_position_ids(ids, grid[:1], IMAGE, MERGE)
 
 
 def test_fewer_blocks_than_grids_raises():
     ids, grid = make_ids([2, [1, 4, 4], 2])
     grids = torch.cat([grid, grid])
-    with pytest.raises(ValueError, match="2 image grids but only 1 image placeholder blocks"):
+    with pytest.raises(ValueError, match="2 image grids but only 1 image placeholder runs"):
         build_mrope_position_ids(ids, grids, IMAGE, MERGE)
 
 

@@ -1,4 +1,4 @@
-"""Qwen3-VL MRoPE positions: `build_mrope_position_ids` and `mrope_position_delta` against HF
+"""Qwen3-VL MRoPE positions: `build_mrope_position_ids` (shared with Qwen3.5) against HF
 `Qwen3VLModel.get_rope_index` / `Qwen3VLMoeModel.get_rope_index` (models built on the meta device
 from the proxies) for text, images of any size and position, timestamped videos, random samples
 and padded batches; plus positions worked by hand and malformed samples.
@@ -14,7 +14,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
 from models.qwen3_vl.configuration import get_variant
-from models.qwen3_vl.mrope import build_mrope_position_ids, mrope_position_delta
+from models.qwen35_vl.mrope import build_mrope_position_ids
 
 CONFIG = get_variant("proxy")
 IMAGE, VIDEO = CONFIG.image_token_id, CONFIG.video_token_id
@@ -32,16 +32,17 @@ def hf_model(request):
 
 
 def hf_rope_index(model, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-    """HF positions [3, B, L] and deltas [B, 1]; the token types mark image (1) and video (2)
-    placeholders, as the HF processor's mm_token_type_ids do."""
+    """HF positions [3, B, L]; the token types mark image (1) and video (2) placeholders, as the
+    HF processor's mm_token_type_ids do."""
     mm_token_type_ids = (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
-    return model.get_rope_index(
+    positions, _ = model.get_rope_index(
         input_ids,
         mm_token_type_ids,
         image_grid_thw=image_grid_thw,
         video_grid_thw=video_grid_thw,
         attention_mask=attention_mask,
     )
+    return positions
 
 
 def text_tokens(count: int, rng: random.Random) -> list[int]:
@@ -111,20 +112,18 @@ CASES = {
 def test_matches_hf_get_rope_index(hf_model, case):
     ids, images, videos = make_sample(CASES[case])
     positions = ours(ids, images, videos)
-    hf_positions, hf_deltas = hf_rope_index(hf_model, ids.unsqueeze(0), images, videos)
+    hf_positions = hf_rope_index(hf_model, ids.unsqueeze(0), images, videos)
     assert positions.shape == (3, ids.numel())
     assert positions.dtype == torch.long
     assert torch.equal(positions, hf_positions[:, 0])
-    assert mrope_position_delta(positions) == int(hf_deltas[0, 0])
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_samples_match_hf(hf_model, seed):
     ids, images, videos = make_sample(random_layout(random.Random(seed)), seed=seed)
-    hf_positions, hf_deltas = hf_rope_index(hf_model, ids.unsqueeze(0), images, videos)
+    hf_positions = hf_rope_index(hf_model, ids.unsqueeze(0), images, videos)
     positions = ours(ids, images, videos)
     assert torch.equal(positions, hf_positions[:, 0])
-    assert mrope_position_delta(positions) == int(hf_deltas[0, 0])
 
 
 def test_bare_image_tokens_at_both_ends_match_hf(hf_model):
@@ -132,15 +131,14 @@ def test_bare_image_tokens_at_both_ends_match_hf(hf_model):
     ids = torch.tensor([IMAGE] * 6 + [1000, 1001] + [IMAGE] * 4)
     images = torch.tensor([[1, 4, 6], [1, 2, 8]])
     positions = build_mrope_position_ids(ids, images, IMAGE, MERGE)
-    hf_positions, hf_deltas = hf_rope_index(hf_model, ids.unsqueeze(0), images)
+    hf_positions = hf_rope_index(hf_model, ids.unsqueeze(0), images)
     assert torch.equal(positions, hf_positions[:, 0])
-    assert mrope_position_delta(positions) == int(hf_deltas[0, 0])
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_batch_matches_hf(hf_model, padding_side):
     """HF indexes a batch's grids in order across samples and skips padding by attention mask;
-    each sample alone gives the same positions and delta."""
+    each sample alone gives the same positions."""
     samples = [
         make_sample([3, ("image", 1, 4, 6), 5, ("image", 1, 2, 2), 2], seed=1),
         make_sample([6, ("video", 2, 8, 4), 1], seed=2),
@@ -158,11 +156,10 @@ def test_padded_batch_matches_hf(hf_model, padding_side):
         spans.append(slice(begin, begin + ids.numel()))
     images = torch.cat([grid for _, grid, _ in samples if grid is not None])
     videos = torch.cat([grid for _, _, grid in samples if grid is not None])
-    hf_positions, hf_deltas = hf_rope_index(hf_model, batch, images, videos, attention_mask=mask)
+    hf_positions = hf_rope_index(hf_model, batch, images, videos, attention_mask=mask)
     for row, (ids, image_grid, video_grid) in enumerate(samples):
         positions = ours(ids, image_grid, video_grid)
         assert torch.equal(positions, hf_positions[:, row, spans[row]])
-        assert mrope_position_delta(positions) == int(hf_deltas[row, 0])
 
 
 def test_one_image_positions_by_hand():
@@ -175,7 +172,6 @@ def test_one_image_positions_by_hand():
     assert positions[2, 3:9].tolist() == [3, 4, 5, 3, 4, 5]
     # vision_end and text resume at 3 + max(2, 3) = 6
     assert positions[:, 9:].tolist() == [[6, 7]] * 3
-    assert mrope_position_delta(positions) == 8 - 11
 
 
 def test_video_frames_restart_temporal_position_by_hand():

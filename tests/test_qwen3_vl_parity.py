@@ -175,7 +175,7 @@ def collate_samples(
     pad_multiple: int = 1,
 ) -> dict[str, Any]:
     """The training collate with Qwen3-VL's position ids and vision inputs."""
-    from models.qwen3_vl.vision_inputs import SampleInputs
+    from models.qwen35_vl.vision_inputs import SampleInputs
 
     return collate(
         samples, config, mode, seq_length, pad_multiple, model_inputs=SampleInputs.of(config)
@@ -229,7 +229,7 @@ def count_checks(config: Qwen3VLConfig, hf: torch.nn.Module, tag: str) -> Iterat
 
 def vision_checks(config: Qwen3VLConfig, hf: torch.nn.Module, tag: str) -> Iterator[Check]:
     """Our vision tower (fp32) against HF's: merged features and every DeepStack level."""
-    from models.qwen3_vl.vision_inputs import SampleInputs
+    from models.qwen35_vl.vision_inputs import SampleInputs
 
     model = build_ours(config, torch.float32)
     load_reference_weights(model, hf, config)

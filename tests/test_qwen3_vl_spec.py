@@ -15,7 +15,7 @@ from data.collate import CollateConfig, pack_or_pad_batch
 from data.mock import interleaved_sample
 from models import get_model_spec
 from models.qwen3_vl.configuration import get_variant
-from models.qwen3_vl.mrope import build_mrope_position_ids
+from models.qwen35_vl.mrope import build_mrope_position_ids
 from tests.test_launcher import dry_run
 
 SPEC = get_model_spec("qwen3_vl")

@@ -1,7 +1,8 @@
 """Qwen3-VL's `ModelSpec`: the registry's one entry point into this folder. It binds the
 configuration, the factory, the FLOPs model, the weight conversion and the dataset providers to
-the callables the generic entry points use; the TransformerConfigs and megatron arguments come
-from Qwen3.5's spec, which reads them from the config (the two configs share those methods).
+the callables the generic entry points use. The TransformerConfigs, megatron arguments and
+collate inputs (MRoPE ids, vision-tower inputs) are Qwen3.5's, which read them from the config:
+the two families share those rules.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from typing import Any
 
 from models.qwen35_vl.configuration import human_count
 from models.qwen35_vl.spec import model_args, transformer_configs
+from models.qwen35_vl.vision_inputs import SampleInputs
 from models.spec import ModelShape, ModelSpec, data_module_provider
 
 from . import configuration, flops
 from .checkpoint_layout import WEIGHTS
 from .configuration import Qwen3VLConfig
-from .vision_inputs import SampleInputs
 
 
 def shape(config: Qwen3VLConfig) -> ModelShape:
