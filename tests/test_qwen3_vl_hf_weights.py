@@ -14,19 +14,21 @@ import torch
 
 from models.qwen3_vl.configuration import Qwen3VLConfig, get_variant
 from models.qwen3_vl.hf_weights import (
-    COLUMN,
-    REPLICATED,
-    ROW,
-    WeightRule,
-    check_names,
     hf_model_class,
     hf_tensor_shapes,
     hf_to_megatron,
     megatron_tensor_shapes,
     megatron_to_hf,
-    shard_for_tensor_parallel,
     split_fused_experts,
     weight_rules,
+)
+from models.qwen35_vl.hf_weights import (
+    COLUMN,
+    REPLICATED,
+    ROW,
+    WeightRule,
+    check_names,
+    shard_for_tensor_parallel,
 )
 
 EMBED = "model.language_model.embed_tokens.weight"

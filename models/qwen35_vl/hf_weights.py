@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,8 +35,9 @@ class WeightRule:
 
     `kind`: "copy" (one tensor), "concat" (HF tensors stacked along dim 0), "attention_qkv"
     (q_proj with its per-head output gate, k_proj, v_proj -> megatron's grouped
-    [q, gate, k, v] layout), "vision_qkv" (HF [q; k; v] -> per-head [q, k, v]), "patch_embed"
-    (Conv3d kernel -> linear weight). `tp` / `sections` describe the TP split; `expert` marks a
+    [q, gate, k, v] layout), "qkv" (the same without the gate: [q heads of the group, k, v] per
+    query group), "vision_qkv" (HF [q; k; v] -> per-head [q, k, v]), "patch_embed" (Conv3d
+    kernel -> linear weight). `tp` / `sections` describe the TP split; `expert` marks a
     routed-expert tensor (placed by expert parallelism, never TP-split here).
     """
 
@@ -70,6 +72,15 @@ class WeightRule:
                 v.reshape(groups, dim, *rest),
             ]
             return torch.cat(parts, dim=1).reshape(-1, *rest)
+        if self.kind == "qkv":
+            q, k, v = tensors
+            rest = q.shape[1:]
+            parts = [
+                q.reshape(groups, heads // groups * dim, *rest),
+                k.reshape(groups, dim, *rest),
+                v.reshape(groups, dim, *rest),
+            ]
+            return torch.cat(parts, dim=1).reshape(-1, *rest)
         raise ValueError(f"unknown rule kind {self.kind!r}")
 
     def to_hf(self, tensor: Tensor, hf_shapes: list[tuple[int, ...]]) -> list[Tensor]:
@@ -98,10 +109,17 @@ class WeightRule:
                 dim=2,
             )
             return [q_gate.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+        if self.kind == "qkv":
+            per_group = heads // groups
+            rest = tensor.shape[1:]
+            grouped = tensor.reshape(groups, (per_group + 2) * dim, *rest)
+            q, k, v = torch.split(grouped, [per_group * dim, dim, dim], dim=1)
+            return [part.reshape(-1, *rest) for part in (q, k, v)]
         raise ValueError(f"unknown rule kind {self.kind!r}")
 
 
-def _vision_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:
+def vision_rules(config: Any) -> Iterator[WeightRule]:
+    """The vision tower: patch embedding, position table, blocks and the final merger."""
     v = config.vision
     qkv_heads = (v.num_heads, v.num_heads, v.head_dim)
     yield WeightRule(
@@ -130,18 +148,18 @@ def _vision_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:
         yield WeightRule(mlp + "linear_fc1.bias", (hf + "mlp.linear_fc1.bias",), tp=COLUMN)
         yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.linear_fc2.weight",), tp=ROW)
         yield WeightRule(mlp + "linear_fc2.bias", (hf + "mlp.linear_fc2.bias",))
-    yield WeightRule("vision.merger.norm.weight", (HF_VISION + "merger.norm.weight",))
-    yield WeightRule("vision.merger.norm.bias", (HF_VISION + "merger.norm.bias",))
-    yield WeightRule(
-        "vision.merger.mlp.linear_fc1.weight", (HF_VISION + "merger.linear_fc1.weight",), tp=COLUMN
-    )
-    yield WeightRule(
-        "vision.merger.mlp.linear_fc1.bias", (HF_VISION + "merger.linear_fc1.bias",), tp=COLUMN
-    )
-    yield WeightRule(
-        "vision.merger.mlp.linear_fc2.weight", (HF_VISION + "merger.linear_fc2.weight",), tp=ROW
-    )
-    yield WeightRule("vision.merger.mlp.linear_fc2.bias", (HF_VISION + "merger.linear_fc2.bias",))
+    yield from merger_rules("vision.merger.", HF_VISION + "merger.")
+
+
+def merger_rules(meg: str, hf: str) -> Iterator[WeightRule]:
+    """A patch merger: its LayerNorm `norm` and its MLP (column-parallel fc1, row-parallel fc2;
+    a row-parallel bias is added after the all-reduce, so every rank holds it whole)."""
+    yield WeightRule(meg + "norm.weight", (hf + "norm.weight",))
+    yield WeightRule(meg + "norm.bias", (hf + "norm.bias",))
+    yield WeightRule(meg + "mlp.linear_fc1.weight", (hf + "linear_fc1.weight",), tp=COLUMN)
+    yield WeightRule(meg + "mlp.linear_fc1.bias", (hf + "linear_fc1.bias",), tp=COLUMN)
+    yield WeightRule(meg + "mlp.linear_fc2.weight", (hf + "linear_fc2.weight",), tp=ROW)
+    yield WeightRule(meg + "mlp.linear_fc2.bias", (hf + "linear_fc2.bias",))
 
 
 def _mixer_rules(
@@ -260,7 +278,7 @@ def _language_rules(config: Qwen35VLConfig) -> Iterator[WeightRule]:
 
 def weight_rules(config: Qwen35VLConfig) -> list[WeightRule]:
     """Every megatron tensor of the model (TP=1 names) with its HF source tensors."""
-    return [*_vision_rules(config), *_language_rules(config)]
+    return [*vision_rules(config), *_language_rules(config)]
 
 
 def check_names(problem: str, expected: set[str], present: set[str]) -> None:
@@ -367,7 +385,10 @@ def split_fused_experts(
 
 
 def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size: int) -> Tensor:
-    """The slice of a full megatron tensor that tensor-parallel rank `rank` of `size` holds."""
+    """The slice of a full megatron tensor that tensor-parallel rank `rank` of `size` holds;
+    ValueError naming the tensor when `size` does not divide it."""
+    if not 0 <= rank < size:
+        raise ValueError(f"{rule.megatron}: rank {rank} is not in [0, {size})")
     if size == 1 or rule.tp == REPLICATED or rule.expert:
         return tensor
     dim = 0 if rule.tp == COLUMN else 1
@@ -379,7 +400,8 @@ def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size:
 
 
 def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
-    if rule.kind == "attention_qkv":
+    if rule.kind in ("attention_qkv", "qkv", "vision_qkv"):
+        # Megatron splits a fused QKV by whole query groups, not by rows.
         groups = rule.heads[1]
         if groups % size:
             raise ValueError(

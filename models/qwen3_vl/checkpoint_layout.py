@@ -14,6 +14,12 @@ from torch import Tensor
 
 from models.qwen35_vl import checkpoint_layout as qwen35_layout
 from models.qwen35_vl.checkpoint_layout import TensorChunk, extra_state_objects, megatron_shape
+from models.qwen35_vl.hf_weights import (
+    REPLICATED,
+    WeightRule,
+    check_names,
+    shard_for_tensor_parallel,
+)
 from models.spec import WeightConversion
 
 from . import hf_weights
@@ -41,7 +47,7 @@ class FusedExpertsRule:
     hf: tuple[str]
     shape: tuple[int, int, int]  # [E, out, in]
     expert: bool = True  # placed by expert parallelism, never TP-split
-    tp: str = hf_weights.REPLICATED
+    tp: str = REPLICATED
 
     @property
     def hf_shape(self) -> tuple[int, int, int]:
@@ -56,9 +62,7 @@ class FusedExpertsRule:
         return [tensor if tuple(hf_shapes[0]) == self.shape else tensor.transpose(1, 2)]
 
 
-def _fused_expert_rules(
-    config: Qwen3VLConfig, first: hf_weights.WeightRule
-) -> Iterator[FusedExpertsRule]:
+def _fused_expert_rules(config: Qwen3VLConfig, first: WeightRule) -> Iterator[FusedExpertsRule]:
     """The two fused rules of the MoE layer whose expert 0's linear_fc1 rule is `first`."""
     t = config.text
     megatron = first.megatron.removesuffix("linear_fc1.weight0")
@@ -127,7 +131,7 @@ def fsdp_dtensor_chunks(rule: Any, shape: tuple[int, ...]) -> list[TensorChunk]:
     chunks: list[TensorChunk] = []
     for e in range(shape[0]):
         # Expert e's own rule, so that its keys and fc1 halves come from Qwen3.5's naming.
-        single = hf_weights.WeightRule(f"{rule.megatron}{e}", ())
+        single = WeightRule(f"{rule.megatron}{e}", ())
         chunks.extend(
             ExpertChunk(chunk.key, chunk.global_shape, chunk.offset, chunk.rows, expert=e)
             for chunk in qwen35_layout.fsdp_dtensor_chunks(single, shape[1:])
@@ -150,11 +154,11 @@ WEIGHTS = WeightConversion(
     rules=weight_rules,
     hf_tensor_shapes=hf_tensor_shapes,
     megatron_shape=megatron_shape,
-    shard_for_tensor_parallel=hf_weights.shard_for_tensor_parallel,
+    shard_for_tensor_parallel=shard_for_tensor_parallel,
     torch_dist_chunks=tensor_chunks,
     fsdp_dtensor_chunks=fsdp_dtensor_chunks,
     extra_state_objects=extra_state_objects,
-    check_names=hf_weights.check_names,
+    check_names=check_names,
     config_with_tensors=config_with_tensors,
     unused_hf_tensors=unused_hf_tensors,
     fsdp_dtensor_tp_note=(

@@ -1,29 +1,33 @@
 """Hugging Face <-> megatron weight mapping for Qwen3-VL (dense and MoE), one rule per megatron
 tensor. The megatron names are those of our megatron model (a HybridModel decoder with Transformer
 Engine layers under `language_model.`, Qwen3.5's vision tower plus DeepStack mergers under
-`vision.`); `shard_for_tensor_parallel` gives the slice a TP rank holds.
+`vision.`). The rule class, the vision tower's rules and the TP split are Qwen3.5's
+(`models/qwen35_vl/hf_weights.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from models.qwen35_vl.hf_weights import (
+    COLUMN,
+    HF_TEXT,
+    HF_VISION,
+    MEGATRON_TEXT,
+    MEGATRON_VISION,
+    ROW,
+    WeightRule,
+    check_names,
+    merger_rules,
+    vision_rules,
+)
+
 from .configuration import Qwen3VLConfig
 
-HF_TEXT = "model.language_model."
-HF_VISION = "model.visual."
 HF_LM_HEAD = "lm_head.weight"
-MEGATRON_TEXT = "language_model."
-MEGATRON_VISION = "vision."
-
-# How a megatron tensor is split over tensor-parallel ranks.
-REPLICATED = "replicated"
-COLUMN = "column"  # split dim 0 (output features); `sections` split each section separately
-ROW = "row"  # split dim 1 (input features)
 
 # Layouts of the routed experts of an HF MoE state dict:
 # "transformers": transformers' in-memory modules, `mlp.experts.gate_up_proj` [E, 2I, H] (gate
@@ -35,131 +39,16 @@ ROW = "row"  # split dim 1 (input features)
 EXPERT_LAYOUTS = ("transformers", "checkpoint", "per_expert")
 
 
-@dataclass(frozen=True)
-class WeightRule:
-    """One megatron tensor and the HF tensors it is made of.
-
-    `kind`: "copy" (one tensor), "concat" (HF tensors stacked along dim 0), "qkv" (q_proj,
-    k_proj, v_proj -> megatron's fused layout, per query group [q heads of the group, k, v]),
-    "vision_qkv" (HF [q; k; v] -> per head [q, k, v], i.e. one query group per head),
-    "patch_embed" (Conv3d kernel -> linear weight). `tp` / `sections` describe the TP split;
-    `expert` marks a routed-expert tensor (placed by expert parallelism, never TP-split here).
-    """
-
-    megatron: str
-    hf: tuple[str, ...]
-    kind: str = "copy"
-    tp: str = REPLICATED
-    sections: tuple[int, ...] = ()
-    heads: tuple[int, int, int] = (0, 0, 0)  # (query heads, query groups, head dim), qkv kinds
-    expert: bool = False
-
-    def to_megatron(self, tensors: list[Tensor]) -> Tensor:
-        """The megatron tensor from the HF tensors named by `hf`, in that order."""
-        if self.kind == "copy":
-            return tensors[0]
-        if self.kind == "concat":
-            return torch.cat(tensors, dim=0)
-        if self.kind == "patch_embed":
-            return tensors[0].reshape(tensors[0].shape[0], -1)
-        heads, groups, dim = self.heads
-        if self.kind == "vision_qkv":
-            qkv = tensors[0]
-            return qkv.reshape(3, heads, dim, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
-        if self.kind == "qkv":
-            q, k, v = tensors
-            rest = q.shape[1:]  # (H,) for weights, () for biases
-            parts = [
-                q.reshape(groups, heads // groups * dim, *rest),
-                k.reshape(groups, dim, *rest),
-                v.reshape(groups, dim, *rest),
-            ]
-            return torch.cat(parts, dim=1).reshape(-1, *rest)
-        raise ValueError(f"{self.megatron}: unknown rule kind {self.kind!r}")
-
-    def to_hf(self, tensor: Tensor, hf_shapes: list[tuple[int, ...]]) -> list[Tensor]:
-        """The HF tensors (shapes `hf_shapes`, in `hf` order) from the megatron tensor."""
-        if self.kind == "copy":
-            return [tensor]
-        if self.kind == "concat":
-            return list(torch.split(tensor, [shape[0] for shape in hf_shapes], dim=0))
-        if self.kind == "patch_embed":
-            return [tensor.reshape(hf_shapes[0])]
-        heads, groups, dim = self.heads
-        rest = tensor.shape[1:]
-        if self.kind == "vision_qkv":
-            return [tensor.reshape(heads, 3, dim, *rest).transpose(0, 1).reshape(tensor.shape)]
-        if self.kind == "qkv":
-            per_group = heads // groups
-            grouped = tensor.reshape(groups, (per_group + 2) * dim, *rest)
-            q, k, v = torch.split(grouped, [per_group * dim, dim, dim], dim=1)
-            return [part.reshape(-1, *rest) for part in (q, k, v)]
-        raise ValueError(f"{self.megatron}: unknown rule kind {self.kind!r}")
-
-
 # ---- rules -----------------------------------------------------------------------------------
 
 
-def _vision_layer_rules(config: Qwen3VLConfig, i: int) -> Iterator[WeightRule]:
-    """One vision block. Naming: megatron TransformerBlock `vision.blocks` (so `.layers.{i}.`)
-    with TE's fused LayerNorm-linear modules, exactly as qwen35's vision tower: norm1 becomes
-    `linear_qkv.layer_norm_*`, norm2 `mlp.linear_fc1.layer_norm_*` (LayerNorm with bias)."""
-    v = config.vision
-    meg, hf = f"{MEGATRON_VISION}blocks.layers.{i}.", f"{HF_VISION}blocks.{i}."
-    attn, mlp = meg + "self_attention.", meg + "mlp."
-    yield WeightRule(attn + "linear_qkv.layer_norm_weight", (hf + "norm1.weight",))
-    yield WeightRule(attn + "linear_qkv.layer_norm_bias", (hf + "norm1.bias",))
-    for suffix in ("weight", "bias"):
-        # num_query_groups == num_heads in the vision tower (plain multi-head attention).
-        yield WeightRule(
-            f"{attn}linear_qkv.{suffix}",
-            (f"{hf}attn.qkv.{suffix}",),
-            "vision_qkv",
-            COLUMN,
-            heads=(v.num_heads, v.num_heads, v.head_dim),
-        )
-    # Row-parallel biases are added after the all-reduce, so every rank holds them whole.
-    yield WeightRule(attn + "linear_proj.weight", (hf + "attn.proj.weight",), tp=ROW)
-    yield WeightRule(attn + "linear_proj.bias", (hf + "attn.proj.bias",))
-    yield WeightRule(mlp + "linear_fc1.layer_norm_weight", (hf + "norm2.weight",))
-    yield WeightRule(mlp + "linear_fc1.layer_norm_bias", (hf + "norm2.bias",))
-    yield WeightRule(mlp + "linear_fc1.weight", (hf + "mlp.linear_fc1.weight",), tp=COLUMN)
-    yield WeightRule(mlp + "linear_fc1.bias", (hf + "mlp.linear_fc1.bias",), tp=COLUMN)
-    yield WeightRule(mlp + "linear_fc2.weight", (hf + "mlp.linear_fc2.weight",), tp=ROW)
-    yield WeightRule(mlp + "linear_fc2.bias", (hf + "mlp.linear_fc2.bias",))
-
-
-def _merger_rules(meg: str, hf: str) -> Iterator[WeightRule]:
-    """A patch merger: a LayerNorm module `norm` (TENorm, not fused into fc1, because HF
-    normalises before the 2x2 merge for the final merger) and a megatron MLP `mlp` with
-    column-parallel fc1 and row-parallel fc2, as qwen35's PatchMerger."""
-    yield WeightRule(meg + "norm.weight", (hf + "norm.weight",))
-    yield WeightRule(meg + "norm.bias", (hf + "norm.bias",))
-    yield WeightRule(meg + "mlp.linear_fc1.weight", (hf + "linear_fc1.weight",), tp=COLUMN)
-    yield WeightRule(meg + "mlp.linear_fc1.bias", (hf + "linear_fc1.bias",), tp=COLUMN)
-    yield WeightRule(meg + "mlp.linear_fc2.weight", (hf + "linear_fc2.weight",), tp=ROW)
-    yield WeightRule(meg + "mlp.linear_fc2.bias", (hf + "linear_fc2.bias",))
-
-
 def _vision_rules(config: Qwen3VLConfig) -> Iterator[WeightRule]:
-    # The patch embedding is an nn.Linear over the flattened (C, T, P, P) patch (a Conv3d whose
-    # kernel equals its stride), named `vision.patch_embed`; the learned position table is an
-    # nn.Embedding `vision.pos_embed` (bilinearly interpolated by the model, as in HF).
-    yield WeightRule(
-        MEGATRON_VISION + "patch_embed.weight",
-        (HF_VISION + "patch_embed.proj.weight",),
-        "patch_embed",
-    )
-    yield WeightRule(MEGATRON_VISION + "patch_embed.bias", (HF_VISION + "patch_embed.proj.bias",))
-    yield WeightRule(MEGATRON_VISION + "pos_embed.weight", (HF_VISION + "pos_embed.weight",))
-    for i in range(config.vision.depth):
-        yield from _vision_layer_rules(config, i)
-    yield from _merger_rules(MEGATRON_VISION + "merger.", HF_VISION + "merger.")
-    # DeepStack: one merger per entry of deepstack_visual_indexes, in that order, in an
-    # nn.ModuleList `vision.deepstack_mergers` (index k, not the block index it reads); their
-    # LayerNorm is over the merged vector (hidden * merge^2), applied after the 2x2 merge.
+    """Qwen3.5's vision tower, then one merger per DeepStack level in an nn.ModuleList
+    `vision.deepstack_mergers` (index k, not the block it reads); their LayerNorm spans the
+    merged vector (hidden * merge^2), applied after the 2x2 merge."""
+    yield from vision_rules(config)
     for k in range(len(config.vision.deepstack_visual_indexes)):
-        yield from _merger_rules(
+        yield from merger_rules(
             f"{MEGATRON_VISION}deepstack_mergers.{k}.", f"{HF_VISION}deepstack_merger_list.{k}."
         )
 
@@ -257,17 +146,6 @@ def weight_rules(config: Qwen3VLConfig) -> list[WeightRule]:
 
 
 # ---- name checks and shapes ------------------------------------------------------------------
-
-
-def check_names(problem: str, expected: set[str], present: set[str]) -> None:
-    """KeyError starting with `problem` and listing the missing and unexpected names, if any."""
-    missing, unexpected = sorted(expected - present), sorted(present - expected)
-    if missing or unexpected:
-        raise KeyError(
-            f"{problem}: {len(missing)} missing "
-            f"{missing[:20]}{' ...' if len(missing) > 20 else ''}, {len(unexpected)} unexpected "
-            f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-        )
 
 
 def hf_model_class(config: Qwen3VLConfig) -> type:
@@ -436,37 +314,3 @@ def megatron_to_hf(
         shapes = [hf_shapes[name] for name in rule.hf]
         out.update(zip(rule.hf, rule.to_hf(weights[rule.megatron], shapes), strict=True))
     return fuse_experts(out, config, expert_layout)
-
-
-# ---- tensor parallelism ----------------------------------------------------------------------
-
-
-def shard_for_tensor_parallel(rule: WeightRule, tensor: Tensor, rank: int, size: int) -> Tensor:
-    """The slice of a full megatron tensor that tensor-parallel rank `rank` of `size` holds;
-    ValueError naming the tensor when `size` does not divide it."""
-    if not 0 <= rank < size:
-        raise ValueError(f"{rule.megatron}: rank {rank} is not in [0, {size})")
-    if size == 1 or rule.tp == REPLICATED or rule.expert:
-        return tensor
-    dim = 0 if rule.tp == COLUMN else 1
-    _check_divisible(rule, tensor.shape[dim], size)
-    if rule.sections:
-        pieces = torch.split(tensor, list(rule.sections), dim=dim)
-        return torch.cat([piece.chunk(size, dim=dim)[rank] for piece in pieces], dim=dim)
-    return tensor.chunk(size, dim=dim)[rank]
-
-
-def _check_divisible(rule: WeightRule, extent: int, size: int) -> None:
-    if rule.kind in ("qkv", "vision_qkv"):
-        # Megatron splits the fused QKV by whole query groups, not by rows.
-        groups = rule.heads[1]
-        if groups % size:
-            raise ValueError(
-                f"{rule.megatron}: {groups} query groups do not split over tensor-parallel "
-                f"size {size}"
-            )
-    for part in rule.sections or (extent,):
-        if part % size:
-            raise ValueError(
-                f"{rule.megatron}: dimension {part} does not split over tensor-parallel size {size}"
-            )
