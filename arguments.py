@@ -541,13 +541,17 @@ def sequence_multiple(tp: int, cp: int, sequence_parallel: bool) -> int:
 def launcher_facts(argv: list[str]) -> dict[str, Any]:
     """What scripts/run_qwen35_vl.sh needs to know of the model that `argv` (the flags it passes
     to pretrain_multimodal.py, a --hf-config-path of the user's included) trains, after the
-    early checks and the model's layout rules: its routed experts (0 when dense) and its name."""
+    early checks and the model's layout rules: its routed experts (0 when dense), the GPUs torch
+    sees here (one interpreter answers both: torch is imported already) and its name."""
+    import torch
+
     args = preparse(argv)
     check_early(args)
     config = model_config_from_args(args)
     check_layout(args, config)
     return {
         "num_experts": get_model_spec(args.model_name).shape(config).num_experts,
+        "gpus": torch.cuda.device_count(),
         "name": config.name,
     }
 

@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from megatron.training.datasets.data_samplers import MegatronPretrainingRandomSampler
 from torch.utils.data import DataLoader, Dataset
 
 from .collate import CollateConfig, pack_or_pad_batch
@@ -57,6 +56,10 @@ def build_loader(
     """An endless iterator of collated micro-batches for this data-parallel rank. `report`
     counts the samples' load notes (default: one named after the dataset's `label`, reporting
     once per epoch of this rank)."""
+    # Imported here: megatron.training takes seconds to import, and the launcher's early checks
+    # import the data modules (for DatasetSplits) without building a loader.
+    from megatron.training.datasets.data_samplers import MegatronPretrainingRandomSampler
+
     if len(dataset) < micro_batch_size * data_parallel_size:
         raise ValueError(
             f"dataset has {len(dataset)} samples, fewer than one global step of micro-batch "

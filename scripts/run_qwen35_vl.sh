@@ -228,14 +228,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # arguments.py runs its early checks (variant, dataset provider and shards, tokenizer directory,
 # the checkpoint's config.json and MTP tensors) and the model's layout rules (EP and its experts,
 # heads TP x CP must split, SEQ_LEN against the positions) on the flags pretrain_multimodal.py will
-# get and prints the model's routed experts and name, or the bad flag's message.
+# get and prints the model's routed experts, the GPUs torch sees and the model's name, or the bad
+# flag's message.
 # Library warnings of the lookup go to a file, so that the plan or the run's output stands alone.
 mkdir -p "$RUN_DIR"
 if ! facts=$("$PYTHON" -m arguments "${ARGS[@]}" "$@" 2>>"$RUN_DIR/launcher_checks.log"); then
   facts=${facts##*$'\n'}
   die "${facts:-python -m arguments failed: see $RUN_DIR/launcher_checks.log}"
 fi
-read -r NUM_EXPERTS TRAINED <<< "${facts##*$'\n'}"
+read -r NUM_EXPERTS VISIBLE_GPUS TRAINED <<< "${facts##*$'\n'}"
 if [ "$NUM_EXPERTS" -eq 0 ] && [ "$FORCE_LOAD_BALANCING" = 1 ]; then
   die "FORCE_LOAD_BALANCING=1 balances the experts of a MoE model, and $TRAINED is dense; use FORCE_LOAD_BALANCING=0"
 fi
@@ -266,8 +267,7 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 # Checked here, not in Python: torchrun would wrap the one-line error in its own traceback.
-"$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
-  || die "no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
+[ "$VISIBLE_GPUS" -gt 0 ] || die "no GPU found: use DRY_RUN=1 to validate the configuration on the CPU"
 mkdir -p "$RUN_DIR/logs"
 CMD=("$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK"
      --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"

@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 from arguments import (
     add_multimodal_args,
@@ -304,7 +305,8 @@ def test_expert_parallelism_beyond_tensor_and_context_parallel_ranks(tmp_path):
 
 
 def test_launcher_facts_follow_an_hf_config_path(tmp_path):
-    assert launcher_facts(["--model-variant", "9b"]) == {"num_experts": 0, "name": "9b"}
+    facts = launcher_facts(["--model-variant", "9b"])
+    assert facts == {"num_experts": 0, "gpus": torch.cuda.device_count(), "name": "9b"}
     config_dir = str(tmp_path / "moe_config")
     get_variant("proxy-moe").to_hf_config().save_pretrained(config_dir)
     facts = launcher_facts(["--model-variant", "proxy", "--hf-config-path", config_dir])
@@ -419,12 +421,15 @@ def test_cord_v2_dry_run_reads_the_data_and_prints_the_plan_alone(tmp_path):
 
 
 def launch_with_fake_python(tmp_path, gpu: bool) -> subprocess.CompletedProcess:
-    """A real (non-dry) launch whose Python answers the GPU probe with `gpu` and stands in for
-    torchrun with one printed line; everything else goes to the real interpreter."""
+    """A real (non-dry) launch whose Python reports `gpu` GPUs in the launcher's facts (the
+    second value `python -m arguments` prints) and stands in for torchrun with one printed line;
+    everything else goes to the real interpreter."""
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        f'if [ "$1" = -c ] && [[ $2 == *cuda.is_available* ]]; then exit {0 if gpu else 1}; fi\n'
+        'if [ "$1" = -m ] && [ "$2" = arguments ]; then '
+        f'out=$({PYTHON} "$@") || {{ echo "$out"; exit 1; }}; '
+        f"echo \"$out\" | awk '{{ $2 = {int(gpu)}; print }}'; exit 0; fi\n"
         'if [ "$1" = -m ] && [ "$2" = torch.distributed.run ]; then '
         'echo "training would start: $*"; echo "a warning" >&2; exit 0; fi\n'
         f'exec {PYTHON} "$@"\n'
