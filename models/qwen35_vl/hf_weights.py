@@ -208,14 +208,33 @@ def _mlp_rules(config: Qwen35VLConfig, meg: str, hf: str) -> Iterator[WeightRule
     """MLP / MoE half of one decoder layer."""
     t = config.text
     if not t.is_moe:
-        yield WeightRule(
-            meg + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
-        )
-        yield from _gated_mlp_rules(meg + "mlp.", hf + "mlp.", t.intermediate_size)
+        yield from dense_mlp_rules(meg, hf, t.intermediate_size)
         return
+    yield from routed_expert_rules(meg, hf, t.num_experts)
+    yield from _gated_mlp_rules(
+        meg + "mlp.shared_experts.", hf + "mlp.shared_expert.", t.shared_expert_intermediate_size
+    )
+    yield WeightRule(
+        meg + "mlp.shared_experts.gate_weight", (hf + "mlp.shared_expert_gate.weight",)
+    )
+
+
+def dense_mlp_rules(meg: str, hf: str, width: int) -> Iterator[WeightRule]:
+    """A decoder layer's dense SwiGLU MLP, its norm fused into linear_fc1 (`meg` and `hf` are
+    the layer prefixes)."""
+    yield WeightRule(
+        meg + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
+    )
+    yield from _gated_mlp_rules(meg + "mlp.", hf + "mlp.", width)
+
+
+def routed_expert_rules(meg: str, hf: str, num_experts: int) -> Iterator[WeightRule]:
+    """A decoder layer's routed experts: separate pre_mlp_layernorm, router, and TEGroupedMLP's
+    one parameter per expert (linear_fc1.weight{e} / fc2.weight{e}; e is the global index at
+    EP=1, with EP the model renumbers locally), each from the HF per-expert tensors."""
     yield WeightRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",))
     yield WeightRule(meg + "mlp.router.weight", (hf + "mlp.gate.weight",))
-    for e in range(t.num_experts):
+    for e in range(num_experts):
         expert = f"{hf}mlp.experts.{e}."
         yield WeightRule(
             f"{meg}mlp.experts.linear_fc1.weight{e}",
@@ -226,12 +245,6 @@ def _mlp_rules(config: Qwen35VLConfig, meg: str, hf: str) -> Iterator[WeightRule
         yield WeightRule(
             f"{meg}mlp.experts.linear_fc2.weight{e}", (expert + "down_proj.weight",), expert=True
         )
-    yield from _gated_mlp_rules(
-        meg + "mlp.shared_experts.", hf + "mlp.shared_expert.", t.shared_expert_intermediate_size
-    )
-    yield WeightRule(
-        meg + "mlp.shared_experts.gate_weight", (hf + "mlp.shared_expert_gate.weight",)
-    )
 
 
 def _gated_mlp_rules(meg: str, hf: str, width: int) -> Iterator[WeightRule]:

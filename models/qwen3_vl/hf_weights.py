@@ -21,7 +21,9 @@ from models.qwen35_vl.hf_weights import (
     ROW,
     WeightRule,
     check_names,
+    dense_mlp_rules,
     merger_rules,
+    routed_expert_rules,
     vision_rules,
 )
 
@@ -85,40 +87,13 @@ def _attention_rules(config: Qwen3VLConfig, meg: str, hf: str) -> Iterator[Weigh
 
 
 def _mlp_rules(config: Qwen3VLConfig, meg: str, hf: str, sparse: bool) -> Iterator[WeightRule]:
-    """MLP half of one decoder layer: a dense SwiGLU MLP (its norm fused into linear_fc1) or the
-    routed experts (separate pre_mlp_layernorm, router, TE grouped-GEMM expert weights)."""
+    """MLP half of one decoder layer: Qwen3.5's dense SwiGLU MLP or routed experts (Qwen3-VL has
+    no shared expert)."""
     t = config.text
-    if not sparse:
-        width = t.intermediate_size
-        yield WeightRule(
-            meg + "mlp.linear_fc1.layer_norm_weight", (hf + "post_attention_layernorm.weight",)
-        )
-        # [gate; up]: megatron's SwiGLU chunks fc1's output in two, so each TP rank must hold
-        # its slice of gate and the matching slice of up (two sections).
-        yield WeightRule(
-            meg + "mlp.linear_fc1.weight",
-            (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-            "concat",
-            COLUMN,
-            sections=(width, width),
-        )
-        yield WeightRule(meg + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), tp=ROW)
-        return
-    yield WeightRule(meg + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",))
-    yield WeightRule(meg + "mlp.router.weight", (hf + "mlp.gate.weight",))
-    for e in range(t.num_experts):
-        # TEGroupedMLP names one parameter per local expert: linear_fc1.weight{e} / fc2.weight{e}
-        # (e is the global index at EP=1; with EP the model renumbers locally).
-        expert = f"{hf}mlp.experts.{e}."
-        yield WeightRule(
-            f"{meg}mlp.experts.linear_fc1.weight{e}",
-            (expert + "gate_proj.weight", expert + "up_proj.weight"),
-            "concat",
-            expert=True,
-        )
-        yield WeightRule(
-            f"{meg}mlp.experts.linear_fc2.weight{e}", (expert + "down_proj.weight",), expert=True
-        )
+    if sparse:
+        yield from routed_expert_rules(meg, hf, t.num_experts)
+    else:
+        yield from dense_mlp_rules(meg, hf, t.intermediate_size)
 
 
 def _language_rules(config: Qwen3VLConfig) -> Iterator[WeightRule]:
