@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from models.qwen35_vl.flops import training_flops
-from scripts.bench.bench_vs_hf import bench_config, make_pack, make_row, rates
+from scripts.bench.bench_vs_hf import (
+    bench_config,
+    make_pack,
+    make_row,
+    parse_config_override,
+    rates,
+)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 8])
@@ -46,3 +52,15 @@ def test_rates_are_per_gpu():
     assert result["tokens_per_s_per_gpu"] == 1000.0
     assert result["model_tflops_per_gpu"] == pytest.approx(flops / 4 / 1e12)
     assert result["mfu"] == pytest.approx(flops / (2.0 * 2 * 989e12))
+
+
+def test_config_overrides_are_transformer_config_fields_with_literal_values():
+    assert parse_config_override("use_transformer_engine_op_fuser=True") == (
+        "use_transformer_engine_op_fuser",
+        True,
+    )
+    assert parse_config_override("moe_router_dtype=fp32") == ("moe_router_dtype", "fp32")
+    with pytest.raises(SystemExit, match="TransformerConfig field"):
+        parse_config_override("no_such_field=1")
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        parse_config_override("use_transformer_engine_op_fuser")

@@ -11,6 +11,8 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
     python scripts/bench/bench_vs_hf.py --layers 8 --layout row   # ours on HF's exact row
     python scripts/bench/bench_vs_hf.py --model moe --layers 4      # a 35B-A3B slice
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
+    python scripts/bench/bench_vs_hf.py --model moe --layers 4 --skip-hf --sync-sites \
+        --config use_transformer_engine_op_fuser=True   # a megatron setting; host waits per step
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
 TE layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
@@ -25,6 +27,7 @@ FLOPs come from models/qwen35_vl/flops.py (3 x forward; the MoE counts active ex
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import gc
 import json
@@ -44,6 +47,7 @@ from data.throughput import mfu, peak_tflops_of  # noqa: E402
 from models.qwen35_vl.configuration import get_variant, interleaved_layer_types  # noqa: E402
 from models.qwen35_vl.flops import training_flops  # noqa: E402
 from models.qwen35_vl.vision_inputs import SampleInputs  # noqa: E402
+from scripts.bench.sync_sites import sites_markdown, synchronising_call_sites  # noqa: E402
 
 # (text segment lengths, image sizes (h, w)): mixed lengths, 1-2 images each.
 PACK_SAMPLES = [
@@ -132,6 +136,8 @@ def megatron_side(
     cp: int = 1,
     profile_dir: str = "",
     wgrad_fusion: bool = True,
+    config_overrides: dict | None = None,
+    sync_sites: bool = False,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -169,6 +175,7 @@ def megatron_side(
         moe_router_fusion=True,
         moe_permute_fusion=True,
         moe_router_dtype="fp32",
+        **(config_overrides or {}),
     )
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
     if wgrad_fusion:
@@ -227,6 +234,10 @@ def megatron_side(
     model.zero_grad_buffer()
     if profile_dir:
         profile_steps(step, profile_dir)
+    if sync_sites:
+        sites = synchronising_call_sites(step)
+        if torch.distributed.get_rank() == 0:
+            print(sites_markdown(sites), flush=True)
     parallel_state.destroy_model_parallel()
     return {"step_seconds": seconds, "max_memory_gib": memory, "vision_seconds": vision_seconds}
 
@@ -306,12 +317,26 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default="", help="directory for a profile of our steps")
     parser.add_argument(
+        "--sync-sites",
+        action="store_true",
+        help="after timing, count where one of our steps makes the host wait for the GPU",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a megatron TransformerConfig field for our side, e.g. "
+        "use_transformer_engine_op_fuser=True (repeatable; recorded in the JSON)",
+    )
+    parser.add_argument(
         "--layout",
         choices=("pack", "row"),
         default="pack",
         help="ours on the THD pack (attention within each sample), or on HF's single BSHD row",
     )
     args = parser.parse_args()
+    config_overrides = dict(parse_config_override(item) for item in args.config)
 
     # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -344,10 +369,21 @@ def main() -> None:
         "megatron_cp": world,
         "megatron_layout": args.layout,
         "megatron_wgrad_fusion": args.wgrad_fusion,
+        "megatron_config": {key: repr(value) for key, value in config_overrides.items()},
+        "cublaslt_version": cublaslt_version(),
+        "nvte_environment": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")},
     }
     torch.cuda.reset_peak_memory_stats()
     measured = megatron_side(
-        config, batch, args.warmup, args.iters, world, args.profile, args.wgrad_fusion == "te"
+        config,
+        batch,
+        args.warmup,
+        args.iters,
+        world,
+        args.profile,
+        args.wgrad_fusion == "te",
+        config_overrides,
+        args.sync_sites,
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
     results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
@@ -381,6 +417,27 @@ def main() -> None:
             elif r:
                 print(f"| {device} | {label} | {gpus} | {config.name} | {tokens} | {r['error']} |")
     torch.distributed.destroy_process_group()
+
+
+def parse_config_override(item: str) -> tuple[str, object]:
+    """'FIELD=VALUE' -> (field, value): VALUE as a Python literal (True, 4, 'fp32'), else text."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    field, separator, text = item.partition("=")
+    if not separator or field not in {f.name for f in dataclasses.fields(TransformerConfig)}:
+        raise SystemExit(f"--config {item!r}: expected FIELD=VALUE with a TransformerConfig field")
+    try:
+        return field, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return field, text
+
+
+def cublaslt_version() -> int:
+    """The cuBLASLt version Transformer Engine runs (TE's native grouped GEMM needs >= 13.4)."""
+    import transformer_engine.pytorch  # noqa: F401  (loads the extension module below)
+    import transformer_engine_torch
+
+    return int(transformer_engine_torch.get_cublasLt_version())
 
 
 def rates(measured: dict, config, seqs, grids, tokens: int, gpus: int, peak: float) -> dict:
