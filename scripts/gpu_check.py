@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -154,7 +155,8 @@ def te_thd_attention_check() -> list[str]:
 
 class TrainingStep:
     """Two proxy iterations through scripts/run_qwen35_vl.sh, started in the background: most of
-    its time is megatron's start-up on the CPU, which the in-process checks overlap."""
+    its time is start-up on the CPU, which the in-process checks overlap. Each output line is
+    stamped on arrival, so the report says where the time went."""
 
     def __init__(self) -> None:
         from tests.gpu_harness import free_port
@@ -165,6 +167,7 @@ class TrainingStep:
             MODEL_VARIANT="proxy", TRAIN_ITERS="2", WARMUP_ITERS="1", SEQ_LEN="1024",
             MBS="1", GBS="1", GPUS_PER_NODE="1", NUM_WORKERS="1", EVAL_ITERS="0",
             EVAL_INTERVAL="1000", RUN_DIR=self.run_dir.name, MASTER_PORT=str(free_port()),
+            PYTHONUNBUFFERED="1",
         )  # fmt: skip
         env.setdefault("CUDA_VISIBLE_DEVICES", "0")
         self.started = time.monotonic()
@@ -172,35 +175,73 @@ class TrainingStep:
             ["bash", os.path.join(REPO, "scripts", "run_qwen35_vl.sh")],
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        self.lines: list[tuple[float, str]] = []
+        self.exited = self.closed = 0.0
+        # Stamped as they happen, whatever the main thread is checking meanwhile.
+        self.watchers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._wait, daemon=True),
+        ]
+        for watcher in self.watchers:
+            watcher.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic() - self.started, line))
+        self.closed = time.monotonic() - self.started  # every holder of the pipe is gone
+
+    def _wait(self) -> None:
+        self.process.wait()
+        self.exited = time.monotonic() - self.started
 
     def check(self) -> list[str]:
         """Wait for the run; the losses must be finite."""
-        log, _ = self.process.communicate()
+        for watcher in self.watchers:
+            watcher.join()
+        code, seconds = self.process.returncode, max(self.exited, self.closed)
         self.run_dir.cleanup()
+        log = "".join(line for _, line in self.lines)
         losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.eE+-]+|nan|inf)", log)]
-        seconds = time.monotonic() - self.started
-        code = self.process.returncode
-        print(f"  proxy training: exit {code}, lm loss {losses}, {seconds:.0f} s ({phases(log)})")
+        print(f"  proxy training: exit {code}, lm loss {losses}, {seconds:.0f} s")
+        print(f"  where its time went: {timeline(self.lines, self.exited, self.closed)}")
         if code != 0 or len(losses) != 2 or not all(map(_finite, losses)):
             tail = "\n    ".join(log.strip().splitlines()[-8:])
             return [f"the proxy training step failed (exit {code}):\n    {tail}"]
         return []
 
 
-def phases(log: str) -> str:
-    """Where the training step's time went, from megatron's own log lines."""
-    found = []
-    initialize = re.search(r"time to initialize megatron \(seconds\): ([0-9.]+)", log)
-    if initialize:
-        found.append(f"megatron initialisation {float(initialize.group(1)):.0f} s")
-    for name in ("model-and-optimizer-setup", "train/valid/test-data-iterators-setup"):
-        setup = re.search(re.escape(name) + r" \.*: \(([0-9.]+), ([0-9.]+)\)", log)
-        if setup:
-            found.append(f"{name} {float(setup.group(2)) / 1000:.1f} s")
-    steps = re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", log)
-    if steps:
-        found.append("iterations " + " / ".join(f"{float(ms) / 1000:.1f} s" for ms in steps))
-    return ", ".join(found) or "no megatron timings in the log"
+# Each interval of a launcher run, named by what happens in it, ends at the first line matching
+# its pattern (megatron prints 'using world size' when it parses its arguments, right after the
+# imports); every iteration line ends one more interval.
+START_UP_INTERVALS = (
+    ("launcher checks", r"^run_qwen35_vl\.sh: \S*python\S* -m torch\.distributed\.run"),
+    ("torchrun start and imports", r"^using world size:"),
+    ("megatron initialisation", r"^time to initialize megatron"),
+    ("model, optimizer and data setup", r"^training \.\.\.$"),
+)
+ITERATION_LINE = re.compile(r"\] iteration +(\d+)/")
+
+
+def timeline(lines: list[tuple[float, str]], exit_seconds: float, closed_seconds: float) -> str:
+    """'name 1.2 s, ...' for each interval of the run found in its stamped output lines; the
+    output can close after the launcher exits, while processes it started still hold it."""
+    found, previous, intervals = [], 0.0, iter(START_UP_INTERVALS)
+    name, pattern = next(intervals)
+    for seconds, line in lines:
+        iteration = ITERATION_LINE.search(line)
+        if pattern and re.search(pattern, line.strip()):
+            found.append(f"{name} {seconds - previous:.1f} s")
+            previous = seconds
+            name, pattern = next(intervals, (None, None))
+        elif iteration:
+            found.append(f"iteration {iteration.group(1)} {seconds - previous:.1f} s")
+            previous, pattern = seconds, None
+    if not found:
+        return "no launcher or megatron lines in the output"
+    found.append(f"exit {exit_seconds - previous:.1f} s")
+    if closed_seconds - exit_seconds >= 1.0:
+        found.append(f"output held open {closed_seconds - exit_seconds:.1f} s more by its children")
+    return ", ".join(found)
 
 
 def _finite(value: float) -> bool:
@@ -213,6 +254,10 @@ def main() -> int:
         return 1
     started = time.monotonic()
     problems = stack_report()
+    # The training step, mostly start-up on the CPU, runs while this process checks kernels. It
+    # starts after the stack report: started before it, the self-test took 58 s once and ran
+    # past 100 s the next time, stuck in this process's Gated DeltaNet kernel compilation
+    # (2 x H200, 2026-11-30).
     training = TrainingStep()
     for title, check in (
         ("Gated DeltaNet forward + backward", gated_deltanet_check),
@@ -220,10 +265,12 @@ def main() -> int:
         ("one proxy training step (started first, in the background)", training.check),
     ):
         print(f"{title}:")
+        check_started = time.monotonic()
         try:
             problems += check()
         except Exception as error:
             problems.append(f"{title} raised {type(error).__name__}: {error}")
+        print(f"  ({title}: {time.monotonic() - check_started:.1f} s)")
     print(f"gpu_check: {time.monotonic() - started:.0f} s")
     for problem in problems:
         print(f"FAIL: {problem}")
