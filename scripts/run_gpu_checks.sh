@@ -2,7 +2,7 @@
 # Run one group of the GPU verifications, logs and TensorBoard files under OUT_DIR/<step>, a
 # summary table on stdout. Each step fits a 10-minute run on a warm machine (the first
 # Gated DeltaNet step of a fresh machine spends ~2 minutes compiling kernels).
-#   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row OUT_DIR  # 1 GPU
+#   scripts/run_gpu_checks.sh parity|thd|training|cord|convert|bench|bench_row|experts OUT_DIR  # 1 GPU
 #     (convert = the checkpoint load test, then `finetune`: import, fine-tunes, loss against HF)
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
@@ -13,7 +13,7 @@
 #     launcher configuration (scripts/launcher_matrix.py), runs side by side
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, side_by_side, cp, cp_curve, bench_cp, finetune_layouts, qwen3_vl or matrix}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, experts, side_by_side, cp, cp_curve, bench_cp, finetune_layouts, qwen3_vl or matrix}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -198,6 +198,17 @@ print(f"| data loading share of the step (proxy, mock, iterations {steady[0]}-{s
       f"| {100 * share:.2f}% | goal < 5% |")
 PY
     ;;
+  experts)
+    # Routed experts through torch's grouped GEMM: numerics against TE's grouped experts, then
+    # the 35B-A3B slice with each beside HF.
+    timeout 200 torchrun --standalone --nproc-per-node 1 tests/test_grouped_gemm_experts_vs_te.py \
+      > "$OUT/experts.log" 2>&1
+    table "$OUT/experts.log"
+    for gemm in te torch; do
+      timeout 200 "$PYTHON" scripts/bench/bench_vs_hf.py --model moe --layers 4 --expert-gemm $gemm \
+        > "$OUT/bench_moe_$gemm.log" 2>&1
+      grep -E "^\{|^\|" "$OUT/bench_moe_$gemm.log"
+    done ;;
   bench_row)
     # Ours on exactly HF's input (the pack's samples as one sequence), for the like-for-like ratio.
     layers=$(bench_layers)

@@ -259,6 +259,66 @@ def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
     return run_model(model, to_device(batch, torch.device("cuda")), with_labels)
 
 
+def main_grads_after_micro_batches(
+    config: Qwen35VLConfig,
+    weights: dict[str, torch.Tensor] | None,
+    prepare: Callable[[torch.nn.Module], int],
+    samples: Sequence[tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]],
+    seq_length: int = 640,
+) -> dict[str, Any]:
+    """Build the bf16 model under megatron DDP (fp32 grads), load `weights` (another build's:
+    megatron's initialisation is not reproducible from one seed across two builds in a
+    process), apply `prepare` (a model change; returns how many modules it changed), and run
+    the (seed, text lengths, images) `samples` as micro-batches whose gradients accumulate.
+    Returns the initial weights, the summed per-token losses, `prepare`'s count, every
+    parameter's `main_grad` and the parameters whose gradient a layer added itself."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    set_model_parallel(seed=1234)
+    model = build_megatron(config, torch.bfloat16)
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    prepared = prepare(model)
+    language = model.language_model.config
+    model = DistributedDataParallel(
+        language, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+    )
+    model.zero_grad_buffer()
+    losses = []
+    for seed, lengths, images in samples:
+        batch = collate([make_sample(config, seed, lengths, images)], config, "bshd", seq_length)
+        token_losses = megatron_forward(model, batch, with_labels=True)
+        mask = batch["loss_mask"].cuda().float()
+        loss = (token_losses.float() * mask).sum() / mask.sum()
+        loss.backward()
+        losses.append(float(loss))
+    model.finish_grad_sync()
+    parameters = list(model.module.named_parameters())
+    return {
+        "initial": initial,
+        "losses": losses,
+        "prepared": prepared,
+        "main_grads": {name: p.main_grad.detach().clone() for name, p in parameters},
+        "added_by_layer": [
+            name for name, p in parameters if getattr(p, "grad_added_to_main_grad", False)
+        ],
+    }
+
+
+def worst_relative_difference(
+    values: dict[str, torch.Tensor], references: dict[str, torch.Tensor]
+) -> tuple[str, float, int]:
+    """(name, error) of the tensor differing most, relative to its reference's norm, and how
+    many differ at all."""
+    errors = {
+        name: float((values[name] - ref).norm() / ref.norm().clamp_min(1e-30))
+        for name, ref in references.items()
+    }
+    worst = max(errors, key=errors.get)
+    return worst, errors[worst], sum(error > 0 for error in errors.values())
+
+
 def poison_cached_memory(gib: float = 2.0) -> None:
     """Fill a block of the CUDA caching allocator with 0xFF bytes (NaN in every float dtype) and
     hand it back to the cache: tensors allocated next without being written read as NaN, which

@@ -26,83 +26,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
     Check,
-    build_megatron,
-    collate,
     init_distributed,
-    make_sample,
-    megatron_forward,
+    main_grads_after_micro_batches,
     needs_cuda,
     print_table,
     run_section,
     run_with_torchrun,
-    set_model_parallel,
     tiny_config,
+    worst_relative_difference,
 )
 
 BF16_ROUNDING = 2.0**-8
 SAMPLES = [(61, (120, 200), ((160, 224),)), (62, (300, 41), ((96, 128),))]
 
 
-def main_grads_after_two_micro_batches(
-    config, fused: bool, weights: dict[str, torch.Tensor] | None
-) -> tuple[dict, dict, int, list[str]]:
-    """(the model's initial weights, main_grad per parameter, TE layers switched, names of the
-    weights TE marked as added). `weights` (the other build's) are loaded first: megatron's
-    initialisation is not reproducible from one seed across two builds in a process."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
+def fuse(model: torch.nn.Module) -> int:
     from megatron_compat import fuse_wgrad_accumulation_in_te_layers
 
-    set_model_parallel(seed=1234)
-    model = build_megatron(config, torch.bfloat16)
-    if weights is not None:
-        model.load_state_dict(weights, strict=True)
-    initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     ddp_args = argparse.Namespace(
         use_megatron_fsdp=False, use_torch_fsdp2=False, gradient_accumulation_fusion=False
     )
-    switched = fuse_wgrad_accumulation_in_te_layers(model, ddp_args) if fused else 0
-    language = model.language_model.config
-    model = DistributedDataParallel(
-        language, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
-    )
-    model.zero_grad_buffer()
-    for seed, lengths, images in SAMPLES:
-        sample = make_sample(config, seed, lengths, images)
-        batch = collate([sample], config, "bshd", 640)
-        losses = megatron_forward(model, batch, with_labels=True)
-        mask = batch["loss_mask"].cuda().float()
-        ((losses.float() * mask).sum() / mask.sum()).backward()
-    model.finish_grad_sync()
-    marked = [
-        name
-        for name, param in model.module.named_parameters()
-        if getattr(param, "grad_added_to_main_grad", False)
-    ]
-    grads = {
-        name: param.main_grad.detach().clone() for name, param in model.module.named_parameters()
-    }
-    return initial, grads, switched, marked
+    return fuse_wgrad_accumulation_in_te_layers(model, ddp_args)
 
 
 def compare(moe: bool) -> list[Check]:
     config = tiny_config(moe=moe)
     label = "MoE" if moe else "dense"
-    weights, reference, _, _ = main_grads_after_two_micro_batches(config, False, None)
-    _, fused, switched, marked = main_grads_after_two_micro_batches(config, True, weights)
-    errors = {
-        name: float((fused[name] - ref).norm() / ref.norm().clamp_min(1e-30))
-        for name, ref in reference.items()
-    }
-    worst = max(errors, key=errors.get)
+    reference = main_grads_after_micro_batches(config, None, lambda model: 0, SAMPLES)
+    fused = main_grads_after_micro_batches(config, reference["initial"], fuse, SAMPLES)
+    worst, error, differing = worst_relative_difference(
+        fused["main_grads"], reference["main_grads"]
+    )
+    marked = fused["added_by_layer"]
     output_marked = [name for name in marked if "output_layer" in name]
     return [
-        Check(f"{label}: TE layers switched to fused accumulation", switched, 1, "", True),
+        Check(f"{label}: TE layers switched to fused accumulation", fused["prepared"], 1, "", True),
         Check(
             f"{label}: weights whose gradient TE added to main_grad",
             len(marked),
             1,
-            f"of {len(reference)} parameters",
+            f"of {len(reference['main_grads'])} parameters",
             True,
         ),
         Check(
@@ -112,9 +75,9 @@ def compare(moe: bool) -> list[Check]:
         ),
         Check(
             f"{label}: main_grad fused vs unfused, worst parameter, rel",
-            errors[worst],
+            error,
             BF16_ROUNDING,
-            f"{worst}; {sum(e > 0 for e in errors.values())} of {len(errors)} parameters differ",
+            f"{worst}; {differing} of {len(reference['main_grads'])} parameters differ",
         ),
     ]
 

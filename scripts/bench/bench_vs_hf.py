@@ -11,8 +11,9 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
     python scripts/bench/bench_vs_hf.py --layers 8 --layout row   # ours on HF's exact row
     python scripts/bench/bench_vs_hf.py --model moe --layers 4      # a 35B-A3B slice
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
+    python scripts/bench/bench_vs_hf.py --model moe --layers 4 --expert-gemm torch
     python scripts/bench/bench_vs_hf.py --model moe --layers 4 --skip-hf --sync-sites \
-        --config use_transformer_engine_op_fuser=True   # a megatron setting; host waits per step
+        --config moe_router_dtype=fp32   # a megatron setting; where the host waits per step
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
 TE layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
@@ -138,6 +139,7 @@ def megatron_side(
     wgrad_fusion: bool = True,
     config_overrides: dict | None = None,
     sync_sites: bool = False,
+    expert_gemm: str = "te",
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -183,6 +185,11 @@ def megatron_side(
             gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
         )
         fuse_wgrad_accumulation_in_te_layers(model, ddp)
+    if expert_gemm == "torch":
+        from models.qwen35_vl.grouped_gemm_experts import use_torch_grouped_gemm
+
+        if not use_torch_grouped_gemm(model):
+            raise SystemExit("--expert-gemm torch: the model has no routed experts")
     model.model_type = ModelType.encoder_or_decoder  # read by the schedule, set as get_model does
     language = model.language_model.config
     model = Float16Module(language, model)
@@ -322,6 +329,13 @@ def main() -> None:
         help="after timing, count where one of our steps makes the host wait for the GPU",
     )
     parser.add_argument(
+        "--expert-gemm",
+        choices=("te", "torch"),
+        default="te",
+        help="routed experts through TE's grouped linear layers (as training does) or torch's "
+        "grouped GEMM (models/qwen35_vl/grouped_gemm_experts.py)",
+    )
+    parser.add_argument(
         "--config",
         action="append",
         default=[],
@@ -370,6 +384,7 @@ def main() -> None:
         "megatron_layout": args.layout,
         "megatron_wgrad_fusion": args.wgrad_fusion,
         "megatron_config": {key: repr(value) for key, value in config_overrides.items()},
+        "megatron_expert_gemm": args.expert_gemm,
         "cublaslt_version": cublaslt_version(),
         "nvte_environment": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")},
     }
@@ -384,6 +399,7 @@ def main() -> None:
         args.wgrad_fusion == "te",
         config_overrides,
         args.sync_sites,
+        args.expert_gemm,
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
     results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
