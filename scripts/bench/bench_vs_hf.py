@@ -276,7 +276,7 @@ def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
     print(f"profile of {steps} megatron steps on rank 0 ({path}):\n{summary}", flush=True)
 
 
-def hf_side(config, samples, warmup: int, iters: int) -> dict:
+def hf_side(config, samples, warmup: int, iters: int, checkpointing: bool = False) -> dict:
     from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     hf_config = config.to_hf_config(attn_implementation="sdpa")
@@ -287,6 +287,8 @@ def hf_side(config, samples, warmup: int, iters: int) -> dict:
     with torch.device("cuda"):
         model = hf_class._from_config(hf_config, dtype=torch.bfloat16, **options)
     model.train()
+    if checkpointing:  # HF's own way to fit long rows on one GPU: recompute each layer
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     joined = joined_sample(samples)
     ids = joined["input_ids"].unsqueeze(0).cuda()
@@ -322,6 +324,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--hf-activation-checkpointing",
+        action="store_true",
+        help="HF recomputes each layer in backward (its setting for rows too long for one GPU)",
+    )
     parser.add_argument("--profile", default="", help="directory for a profile of our steps")
     parser.add_argument(
         "--sync-sites",
@@ -385,6 +392,7 @@ def main() -> None:
         "megatron_wgrad_fusion": args.wgrad_fusion,
         "megatron_config": {key: repr(value) for key, value in config_overrides.items()},
         "megatron_expert_gemm": args.expert_gemm,
+        "hf_activation_checkpointing": args.hf_activation_checkpointing,
         "cublaslt_version": cublaslt_version(),
         "nvte_environment": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")},
     }
@@ -409,7 +417,9 @@ def main() -> None:
         # HF has no context parallelism: one GPU holds the whole row, whatever `world` is.
         torch.cuda.reset_peak_memory_stats()
         try:
-            measured = hf_side(config, samples, args.warmup, args.iters)
+            measured = hf_side(
+                config, samples, args.warmup, args.iters, args.hf_activation_checkpointing
+            )
             results["hf"] = rates(measured, config, [tokens], grids, tokens, 1, peak)
             results["speedup_tokens_per_s"] = (
                 results["megatron"]["tokens_per_s_per_gpu"] / results["hf"]["tokens_per_s_per_gpu"]
