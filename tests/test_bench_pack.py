@@ -54,13 +54,24 @@ def test_rates_are_per_gpu():
     assert result["mfu"] == pytest.approx(flops / (2.0 * 2 * 989e12))
 
 
-def test_config_overrides_are_transformer_config_fields_with_literal_values():
-    assert parse_config_override("use_transformer_engine_op_fuser=True") == (
+def test_config_overrides_are_fields_of_the_named_config_with_literal_values():
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    def model(item):
+        return parse_config_override(item, TransformerConfig, "--config")
+
+    assert model("use_transformer_engine_op_fuser=True") == (
         "use_transformer_engine_op_fuser",
         True,
     )
-    assert parse_config_override("moe_router_dtype=fp32") == ("moe_router_dtype", "fp32")
-    with pytest.raises(SystemExit, match="TransformerConfig field"):
-        parse_config_override("no_such_field=1")
+    assert model("moe_router_dtype=fp32") == ("moe_router_dtype", "fp32")
+    assert parse_config_override(
+        "use_precision_aware_optimizer=True", OptimizerConfig, "--optimizer-config"
+    ) == ("use_precision_aware_optimizer", True)
+    with pytest.raises(SystemExit, match=r"--config 'no_such_field=1'.*TransformerConfig field"):
+        model("no_such_field=1")
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
-        parse_config_override("use_transformer_engine_op_fuser")
+        model("use_transformer_engine_op_fuser")
+    with pytest.raises(SystemExit, match="OptimizerConfig field"):
+        parse_config_override("num_layers=2", OptimizerConfig, "--optimizer-config")

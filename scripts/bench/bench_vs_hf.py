@@ -14,6 +14,8 @@ still gets one GPU for the whole row, and may run out of memory: that is reporte
     python scripts/bench/bench_vs_hf.py --model moe --layers 4 --expert-gemm torch
     python scripts/bench/bench_vs_hf.py --model moe --layers 4 --skip-hf --sync-sites \
         --config moe_router_dtype=fp32   # a megatron setting; where the host waits per step
+    python scripts/bench/bench_vs_hf.py --layers 8 \
+        --optimizer-config use_precision_aware_optimizer=True   # a megatron optimizer setting
 
 Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
 TE layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
@@ -137,7 +139,7 @@ def megatron_side(
     cp: int = 1,
     profile_dir: str = "",
     wgrad_fusion: bool = True,
-    config_overrides: dict | None = None,
+    config_overrides: dict[str, dict] | None = None,
     sync_sites: bool = False,
     expert_gemm: str = "te",
 ) -> dict:
@@ -158,6 +160,7 @@ def megatron_side(
     from megatron_compat import apply_patches, fuse_wgrad_accumulation_in_te_layers
     from models.qwen35_vl.factory import build_model
 
+    config_overrides = config_overrides or {}
     apply_patches()
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1234)
@@ -177,7 +180,7 @@ def megatron_side(
         moe_router_fusion=True,
         moe_permute_fusion=True,
         moe_router_dtype="fp32",
-        **(config_overrides or {}),
+        **config_overrides.get("model", {}),
     )
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
     if wgrad_fusion:
@@ -199,7 +202,12 @@ def megatron_side(
     model = DistributedDataParallel(language, ddp_config, model)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer="adam", lr=1e-5, bf16=True, use_distributed_optimizer=True, clip_grad=1.0
+            optimizer="adam",
+            lr=1e-5,
+            bf16=True,
+            use_distributed_optimizer=True,
+            clip_grad=1.0,
+            **config_overrides.get("optimizer", {}),
         ),
         [model],
     )
@@ -351,13 +359,30 @@ def main() -> None:
         "use_transformer_engine_op_fuser=True (repeatable; recorded in the JSON)",
     )
     parser.add_argument(
+        "--optimizer-config",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a megatron OptimizerConfig field for our side, e.g. "
+        "use_precision_aware_optimizer=True (repeatable; recorded in the JSON)",
+    )
+    parser.add_argument(
         "--layout",
         choices=("pack", "row"),
         default="pack",
         help="ours on the THD pack (attention within each sample), or on HF's single BSHD row",
     )
     args = parser.parse_args()
-    config_overrides = dict(parse_config_override(item) for item in args.config)
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config_overrides = {
+        "model": dict(parse_config_override(c, TransformerConfig, "--config") for c in args.config),
+        "optimizer": dict(
+            parse_config_override(c, OptimizerConfig, "--optimizer-config")
+            for c in args.optimizer_config
+        ),
+    }
 
     # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -390,7 +415,8 @@ def main() -> None:
         "megatron_cp": world,
         "megatron_layout": args.layout,
         "megatron_wgrad_fusion": args.wgrad_fusion,
-        "megatron_config": {key: repr(value) for key, value in config_overrides.items()},
+        "megatron_config": {k: repr(v) for k, v in config_overrides["model"].items()},
+        "megatron_optimizer_config": {k: repr(v) for k, v in config_overrides["optimizer"].items()},
         "megatron_expert_gemm": args.expert_gemm,
         "hf_activation_checkpointing": args.hf_activation_checkpointing,
         "cublaslt_version": cublaslt_version(),
@@ -445,13 +471,14 @@ def main() -> None:
     torch.distributed.destroy_process_group()
 
 
-def parse_config_override(item: str) -> tuple[str, object]:
-    """'FIELD=VALUE' -> (field, value): VALUE as a Python literal (True, 4, 'fp32'), else text."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+def parse_config_override(item: str, config_class: type, option: str) -> tuple[str, object]:
+    """'FIELD=VALUE' -> (field, value) for a field of the dataclass `config_class` (given on the
+    command line as `option`): VALUE as a Python literal (True, 4, 'fp32'), else as text."""
     field, separator, text = item.partition("=")
-    if not separator or field not in {f.name for f in dataclasses.fields(TransformerConfig)}:
-        raise SystemExit(f"--config {item!r}: expected FIELD=VALUE with a TransformerConfig field")
+    if not separator or field not in {f.name for f in dataclasses.fields(config_class)}:
+        raise SystemExit(
+            f"{option} {item!r}: expected FIELD=VALUE with a {config_class.__name__} field"
+        )
     try:
         return field, ast.literal_eval(text)
     except (ValueError, SyntaxError):
