@@ -27,6 +27,9 @@ class GroupedGemm(torch.autograd.Function):
     def forward(ctx, x: Tensor, offsets: Tensor, accumulate: bool, *weights: Tensor) -> Tensor:
         ctx.save_for_backward(x, offsets, *weights)
         ctx.accumulate = accumulate
+        # Stacking copies the experts' weights in forward and again in backward (rather than
+        # keeping the copy for backward, which would hold it through the whole step): the price
+        # of leaving megatron's per-expert parameters, checkpoints and optimizer as they are.
         return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offsets)
 
     @staticmethod
