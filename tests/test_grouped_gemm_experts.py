@@ -79,6 +79,18 @@ def test_weight_gradients_are_added_to_main_grad(layout):
         assert weight.grad is not None and weight.grad.shape == weight.shape  # the placeholder
 
 
+def test_a_rank_without_tokens_adds_nothing():
+    _, weights, _, _ = make_inputs()
+    with_main_grads(weights, "ascending")
+    x = torch.zeros(0, IN, requires_grad=True)
+    offsets = torch.zeros(len(COUNTS), dtype=torch.int32)
+    out = experts.GroupedGemm.apply(x, offsets, True, *weights)
+    assert out.shape == (0, OUT)
+    out.backward(torch.zeros(0, OUT))
+    assert all(torch.equal(w.main_grad, torch.ones(OUT, IN)) for w in weights)
+    assert all(w.grad_added_to_main_grad for w in weights)
+
+
 def test_buffers_that_ask_to_be_overwritten_are_overwritten():
     x, weights, grad_output, offsets = make_inputs()
     with_main_grads(weights, "ascending")

@@ -40,7 +40,10 @@ class GroupedGemm(torch.autograd.Function):
         grad_x = torch._grouped_mm(grad_output, stacked, offs=offsets)
         if not any(ctx.needs_input_grad[3:]):
             return grad_x, None, None, *(None for _ in weights)
-        grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets)  # [experts, out, in]
+        if x.shape[0]:
+            grad_weights = torch._grouped_mm(grad_output.t(), x, offs=offsets)  # [experts, out, in]
+        else:  # no tokens on this rank: CUDA's grouped GEMM refuses a contraction of length 0
+            grad_weights = torch.zeros_like(stacked)
         if ctx.accumulate and all(hasattr(w, "main_grad") for w in weights):
             add_to_main_grads(weights, grad_weights)
             return grad_x, None, None, *(placeholder_grad(w) for w in weights)
