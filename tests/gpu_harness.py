@@ -259,6 +259,24 @@ def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
     return run_model(model, to_device(batch, torch.device("cuda")), with_labels)
 
 
+# Two multimodal micro-batches (seed, text segment lengths, image sizes) whose gradients
+# accumulate: the weight-gradient comparisons of tests/test_wgrad_fusion.py and
+# tests/test_grouped_gemm_experts_vs_te.py.
+TWO_MICRO_BATCHES = [(61, (120, 200), ((160, 224),)), (62, (300, 41), ((96, 128),))]
+
+
+def fuse_wgrad_accumulation(model: torch.nn.Module) -> int:
+    """Training's TE weight-gradient fusion under megatron DDP; returns the layers switched."""
+    import argparse
+
+    from megatron_compat import fuse_wgrad_accumulation_in_te_layers
+
+    ddp_args = argparse.Namespace(
+        use_megatron_fsdp=False, use_torch_fsdp2=False, gradient_accumulation_fusion=False
+    )
+    return fuse_wgrad_accumulation_in_te_layers(model, ddp_args)
+
+
 def main_grads_after_micro_batches(
     config: Qwen35VLConfig,
     weights: dict[str, torch.Tensor] | None,

@@ -21,7 +21,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
+    TWO_MICRO_BATCHES,
     Check,
+    fuse_wgrad_accumulation,
     init_distributed,
     main_grads_after_micro_batches,
     needs_cuda,
@@ -31,7 +33,6 @@ from tests.gpu_harness import (
     tiny_config,
     worst_relative_difference,
 )
-from tests.test_wgrad_fusion import SAMPLES, fuse
 
 BF16_ROUNDING = 2.0**-8
 
@@ -39,15 +40,15 @@ BF16_ROUNDING = 2.0**-8
 def with_torch_grouped_experts(model) -> int:
     from models.qwen35_vl.grouped_gemm_experts import use_torch_grouped_gemm
 
-    fuse(model)
+    fuse_wgrad_accumulation(model)
     return use_torch_grouped_gemm(model)
 
 
 def compare() -> list[Check]:
     config = tiny_config(moe=True)
-    te = main_grads_after_micro_batches(config, None, fuse, SAMPLES)
+    te = main_grads_after_micro_batches(config, None, fuse_wgrad_accumulation, TWO_MICRO_BATCHES)
     grouped = main_grads_after_micro_batches(
-        config, te["initial"], with_torch_grouped_experts, SAMPLES
+        config, te["initial"], with_torch_grouped_experts, TWO_MICRO_BATCHES
     )
     loss_error = max(
         abs(a - b) / abs(b) for a, b in zip(grouped["losses"], te["losses"], strict=True)

@@ -16,16 +16,15 @@ The second build loads the first one's weights.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
+    TWO_MICRO_BATCHES,
     Check,
+    fuse_wgrad_accumulation,
     init_distributed,
     main_grads_after_micro_batches,
     needs_cuda,
@@ -37,23 +36,15 @@ from tests.gpu_harness import (
 )
 
 BF16_ROUNDING = 2.0**-8
-SAMPLES = [(61, (120, 200), ((160, 224),)), (62, (300, 41), ((96, 128),))]
-
-
-def fuse(model: torch.nn.Module) -> int:
-    from megatron_compat import fuse_wgrad_accumulation_in_te_layers
-
-    ddp_args = argparse.Namespace(
-        use_megatron_fsdp=False, use_torch_fsdp2=False, gradient_accumulation_fusion=False
-    )
-    return fuse_wgrad_accumulation_in_te_layers(model, ddp_args)
 
 
 def compare(moe: bool) -> list[Check]:
     config = tiny_config(moe=moe)
     label = "MoE" if moe else "dense"
-    reference = main_grads_after_micro_batches(config, None, lambda model: 0, SAMPLES)
-    fused = main_grads_after_micro_batches(config, reference["initial"], fuse, SAMPLES)
+    reference = main_grads_after_micro_batches(config, None, lambda model: 0, TWO_MICRO_BATCHES)
+    fused = main_grads_after_micro_batches(
+        config, reference["initial"], fuse_wgrad_accumulation, TWO_MICRO_BATCHES
+    )
     worst, error, differing = worst_relative_difference(
         fused["main_grads"], reference["main_grads"]
     )
