@@ -1,6 +1,7 @@
 """scripts/bench/profile_summary.py on a hand-made Chrome trace: kernel names go to the right
 category, overlapping kernels on two streams count once for idle, per-step figures divide by the
-ProfilerStep ranges, and a trace without kernels is an error."""
+ProfilerStep ranges, GPU idle time goes to the innermost host event under way, and a trace
+without kernels is an error."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import pytest
 
 from scripts.bench.profile_summary import (
+    OUTSIDE_HOST_EVENTS,
     busy_time,
     classify,
+    idle_by_host_event,
     kernels_of,
     load_trace,
     summary_markdown,
@@ -75,9 +78,45 @@ def test_markdown_reports_per_step(tmp_path):
     assert "7 kernels over 2 step(s); window 0.1 ms per step" in text
     assert "| GEMM | 0.02 | 25.0% |" in text  # 40 us of a 160 us window, over 2 steps
     assert "| idle | 0.02 | 21.9% |" in text
-    assert text.count("| `") == 3
+    kernel_table = text.split("| host event")[0]
+    assert kernel_table.count("| `") == 3
 
 
 def test_trace_without_kernels_is_an_error():
     with pytest.raises(ValueError, match="no GPU kernel events"):
         time_split(kernels_of({"traceEvents": []}))
+
+
+def host(name: str, start: float, duration: float, category: str = "cpu_op", thread: int = 1):
+    return {"ph": "X", "cat": category, "name": name, "ts": start, "dur": duration, "tid": thread}
+
+
+def test_idle_time_goes_to_the_innermost_host_event():
+    trace = {
+        "traceEvents": [
+            host("ProfilerStep#1", 0, 40, "user_annotation"),  # covers all: never charged
+            kernel("nvjet_a", 0, 10),
+            {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 28, "dur": 2},
+            kernel("nvjet_b", 30, 10),
+            # GPU idle from 10 to 28 (the copy keeps it busy from 28).
+            host("forward", 5, 20),
+            host("aten::mm", 12, 6),
+            host("cudaLaunchKernel", 20, 2, "cuda_runtime", thread=2),
+        ]
+    }
+    charged = idle_by_host_event(trace)
+    assert charged == {
+        "forward": (12 - 10) + (20 - 18) + (25 - 22),
+        "aten::mm": 6,
+        "cudaLaunchKernel": 2,
+        OUTSIDE_HOST_EVENTS: 28 - 25,
+    }
+    assert sum(charged.values()) == 28 - 10
+
+
+def test_markdown_lists_the_host_events_behind_idle_time():
+    text = summary_markdown(TRACE, top=3)
+    # Idle from 90 to 120 and from 145 to 150 falls under no host event (aten::mm ended at 50,
+    # the ProfilerStep ranges are not charged): 35 us over 2 steps.
+    assert "| `(no recorded host event: Python between operators)` | 0.02 |" in text
+    assert text.count("| `aten::mm` |") == 0

@@ -1,19 +1,23 @@
 """Where the GPU time of a profiled training step goes: reads a torch-profiler Chrome trace (from
 `bench_vs_hf.py --profile` or `PROFILE=torch ./scripts/run_qwen35_vl.sh`, `*.pt.trace.json`) and
 prints the top kernels and the split of the profiled window into GEMM, attention, Gated DeltaNet,
-MoE dispatch, communication, optimizer, other kernels and idle (no kernel running on any stream).
+MoE dispatch, communication, optimizer, other kernels and idle (no kernel running on any stream),
+and what the host was doing while the GPU was idle.
 
     python scripts/bench/profile_summary.py TRACE.json [--top 15]
 
 Kernels are classified by name, first matching rule wins (`CATEGORY_RULES`); time per category
 sums kernel durations, so kernels overlapping on two streams count twice while idle is measured
-on the union of all kernel intervals.
+on the union of all kernel intervals. Idle time is charged to the innermost host event (operator,
+annotation or CUDA API call, on any thread) under way at each instant of it; time under no recorded
+event is Python between operators.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -34,10 +38,19 @@ CATEGORY_RULES: tuple[tuple[str, str], ...] = (
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
 )
 CATEGORIES = (*(name for name, _ in CATEGORY_RULES), "other kernels", "idle")
+HOST_EVENT_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+OUTSIDE_HOST_EVENTS = "(no recorded host event: Python between operators)"
 
 
 @dataclass(frozen=True)
 class Kernel:
+    name: str
+    start_us: float
+    duration_us: float
+
+
+@dataclass(frozen=True)
+class HostEvent:
     name: str
     start_us: float
     duration_us: float
@@ -67,6 +80,26 @@ def kernels_of(trace: dict) -> list[Kernel]:
     ]
 
 
+def gpu_activity_of(trace: dict) -> list[Kernel]:
+    """Kernels, memory copies and memsets: whatever keeps the GPU from being idle."""
+    return [
+        Kernel(event["name"], float(event["ts"]), float(event["dur"]))
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+
+
+def host_events_of(trace: dict) -> list[HostEvent]:
+    """Host-side events of every thread, ProfilerStep ranges left out (they cover everything)."""
+    return [
+        HostEvent(str(event["name"]), float(event["ts"]), float(event["dur"]))
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X"
+        and event.get("cat") in HOST_EVENT_CATEGORIES
+        and not str(event.get("name", "")).startswith("ProfilerStep#")
+    ]
+
+
 def profiled_steps(trace: dict) -> int:
     """Number of `ProfilerStep#N` ranges (1 when the trace has none)."""
     names = {
@@ -82,6 +115,48 @@ def classify(name: str) -> str:
         if re.search(pattern, name):
             return category
     return "other kernels"
+
+
+def busy_intervals(kernels: list[Kernel]) -> list[tuple[float, float]]:
+    """The union of the kernels' intervals as sorted, disjoint (start, end) pairs."""
+    merged: list[list[float]] = []
+    for kernel in sorted(kernels, key=lambda k: k.start_us):
+        stop = kernel.start_us + kernel.duration_us
+        if merged and kernel.start_us <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([kernel.start_us, stop])
+    return [(start, stop) for start, stop in merged]
+
+
+def idle_by_host_event(trace: dict) -> dict[str, float]:
+    """Microseconds of GPU idle time charged to the innermost host event under way, by name."""
+    busy = busy_intervals(gpu_activity_of(trace))
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
+    events = sorted(host_events_of(trace), key=lambda e: e.start_us)
+    charged: dict[str, float] = defaultdict(float)
+    # One sweep: gaps come in time order, so an event that ended before a gap ends before all
+    # later ones; what stays active is the few events nested around the current instant.
+    active: list[HostEvent] = []
+    upcoming = 0
+    for gap_start, gap_end in gaps:
+        while upcoming < len(events) and events[upcoming].start_us < gap_end:
+            active.append(events[upcoming])
+            upcoming += 1
+        active = [e for e in active if e.start_us + e.duration_us > gap_start]
+        cuts = {gap_start, gap_end}
+        for event in active:
+            for instant in (event.start_us, event.start_us + event.duration_us):
+                if gap_start < instant < gap_end:
+                    cuts.add(instant)
+        cuts = sorted(cuts)
+        for left, right in itertools.pairwise(cuts):
+            covering = [
+                e for e in active if e.start_us <= left < right <= e.start_us + e.duration_us
+            ]
+            name = min(covering, key=lambda e: e.duration_us).name if covering else None
+            charged[name or OUTSIDE_HOST_EVENTS] += right - left
+    return dict(charged)
 
 
 def busy_time(kernels: list[Kernel]) -> float:
@@ -146,6 +221,16 @@ def summary_markdown(trace: dict, top: int = 15) -> str:
         lines.append(
             f"| `{short}` | {classify(name)} | {total / 1e3 / steps:.2f} | {calls / steps:g} |"
         )
+    charged = idle_by_host_event(trace)
+    if charged:
+        lines += [
+            "",
+            "| host event under way while the GPU was idle (innermost) | ms per step |",
+            "|---|---|",
+        ]
+        for name, total in sorted(charged.items(), key=lambda item: -item[1])[:top]:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| `{short}` | {total / 1e3 / steps:.2f} |")
     return "\n".join(lines)
 
 
