@@ -96,9 +96,9 @@ def test_idle_time_goes_to_the_innermost_host_event():
         "traceEvents": [
             host("ProfilerStep#1", 0, 40, "user_annotation"),  # covers all: never charged
             kernel("nvjet_a", 0, 10),
+            # A copy is not a kernel: idle here means no kernel, as in the category split.
             {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 28, "dur": 2},
             kernel("nvjet_b", 30, 10),
-            # GPU idle from 10 to 28 (the copy keeps it busy from 28).
             host("forward", 5, 20),
             host("aten::mm", 12, 6),
             host("cudaLaunchKernel", 20, 2, "cuda_runtime", thread=2),
@@ -109,9 +109,9 @@ def test_idle_time_goes_to_the_innermost_host_event():
         "forward": (12 - 10) + (20 - 18) + (25 - 22),
         "aten::mm": 6,
         "cudaLaunchKernel": 2,
-        OUTSIDE_HOST_EVENTS: 28 - 25,
+        OUTSIDE_HOST_EVENTS: 30 - 25,
     }
-    assert sum(charged.values()) == 28 - 10
+    assert sum(charged.values()) == time_split(kernels_of(trace))["idle"]
 
 
 def test_markdown_lists_the_host_events_behind_idle_time():

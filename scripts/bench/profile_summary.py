@@ -43,17 +43,16 @@ OUTSIDE_HOST_EVENTS = "(no recorded host event: Python between operators)"
 
 
 @dataclass(frozen=True)
-class Kernel:
+class Event:
+    """A timed trace event: a GPU kernel or a host-side operator, annotation or API call."""
+
     name: str
     start_us: float
     duration_us: float
 
-
-@dataclass(frozen=True)
-class HostEvent:
-    name: str
-    start_us: float
-    duration_us: float
+    @property
+    def end_us(self) -> float:
+        return self.start_us + self.duration_us
 
 
 def load_trace(path: str) -> dict:
@@ -71,33 +70,21 @@ def event_categories(trace: dict) -> dict[str, int]:
     return dict(counts)
 
 
-def kernels_of(trace: dict) -> list[Kernel]:
-    """GPU kernel events of the trace (memcpy / memset and CPU events are left out)."""
+def events_of(trace: dict, categories: tuple[str, ...]) -> list[Event]:
+    """The trace's complete events of those categories (`cat`); ProfilerStep ranges left out
+    (they cover everything)."""
     return [
-        Kernel(event["name"], float(event["ts"]), float(event["dur"]))
-        for event in trace.get("traceEvents", [])
-        if event.get("ph") == "X" and event.get("cat") == "kernel"
-    ]
-
-
-def gpu_activity_of(trace: dict) -> list[Kernel]:
-    """Kernels, memory copies and memsets: whatever keeps the GPU from being idle."""
-    return [
-        Kernel(event["name"], float(event["ts"]), float(event["dur"]))
-        for event in trace.get("traceEvents", [])
-        if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
-    ]
-
-
-def host_events_of(trace: dict) -> list[HostEvent]:
-    """Host-side events of every thread, ProfilerStep ranges left out (they cover everything)."""
-    return [
-        HostEvent(str(event["name"]), float(event["ts"]), float(event["dur"]))
+        Event(str(event["name"]), float(event["ts"]), float(event["dur"]))
         for event in trace.get("traceEvents", [])
         if event.get("ph") == "X"
-        and event.get("cat") in HOST_EVENT_CATEGORIES
+        and event.get("cat") in categories
         and not str(event.get("name", "")).startswith("ProfilerStep#")
     ]
+
+
+def kernels_of(trace: dict) -> list[Event]:
+    """GPU kernel events of the trace (memcpy / memset and CPU events are left out)."""
+    return events_of(trace, ("kernel",))
 
 
 def profiled_steps(trace: dict) -> int:
@@ -117,74 +104,61 @@ def classify(name: str) -> str:
     return "other kernels"
 
 
-def busy_intervals(kernels: list[Kernel]) -> list[tuple[float, float]]:
+def busy_intervals(kernels: list[Event]) -> list[tuple[float, float]]:
     """The union of the kernels' intervals as sorted, disjoint (start, end) pairs."""
     merged: list[list[float]] = []
     for kernel in sorted(kernels, key=lambda k: k.start_us):
-        stop = kernel.start_us + kernel.duration_us
         if merged and kernel.start_us <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], stop)
+            merged[-1][1] = max(merged[-1][1], kernel.end_us)
         else:
-            merged.append([kernel.start_us, stop])
+            merged.append([kernel.start_us, kernel.end_us])
     return [(start, stop) for start, stop in merged]
 
 
+def busy_time(kernels: list[Event]) -> float:
+    """Length of the union of the kernels' intervals (time with at least one kernel running)."""
+    return sum(stop - start for start, stop in busy_intervals(kernels))
+
+
 def idle_by_host_event(trace: dict) -> dict[str, float]:
-    """Microseconds of GPU idle time charged to the innermost host event under way, by name."""
-    busy = busy_intervals(gpu_activity_of(trace))
+    """Microseconds of idle time (no kernel on any stream, as in `time_split`) charged to the
+    innermost host event under way, by name."""
+    busy = busy_intervals(kernels_of(trace))
     gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
-    events = sorted(host_events_of(trace), key=lambda e: e.start_us)
+    events = sorted(events_of(trace, HOST_EVENT_CATEGORIES), key=lambda e: e.start_us)
     charged: dict[str, float] = defaultdict(float)
     # One sweep: gaps come in time order, so an event that ended before a gap ends before all
     # later ones; what stays active is the few events nested around the current instant.
-    active: list[HostEvent] = []
+    active: list[Event] = []
     upcoming = 0
     for gap_start, gap_end in gaps:
         while upcoming < len(events) and events[upcoming].start_us < gap_end:
             active.append(events[upcoming])
             upcoming += 1
-        active = [e for e in active if e.start_us + e.duration_us > gap_start]
+        active = [e for e in active if e.end_us > gap_start]
         cuts = {gap_start, gap_end}
         for event in active:
-            for instant in (event.start_us, event.start_us + event.duration_us):
-                if gap_start < instant < gap_end:
-                    cuts.add(instant)
-        cuts = sorted(cuts)
-        for left, right in itertools.pairwise(cuts):
-            covering = [
-                e for e in active if e.start_us <= left < right <= e.start_us + e.duration_us
-            ]
+            cuts.update(t for t in (event.start_us, event.end_us) if gap_start < t < gap_end)
+        for left, right in itertools.pairwise(sorted(cuts)):
+            covering = [e for e in active if e.start_us <= left and right <= e.end_us]
             name = min(covering, key=lambda e: e.duration_us).name if covering else None
             charged[name or OUTSIDE_HOST_EVENTS] += right - left
     return dict(charged)
 
 
-def busy_time(kernels: list[Kernel]) -> float:
-    """Length of the union of the kernels' intervals (time with at least one kernel running)."""
-    busy, end = 0.0, float("-inf")
-    for kernel in sorted(kernels, key=lambda k: k.start_us):
-        stop = kernel.start_us + kernel.duration_us
-        if kernel.start_us >= end:
-            busy += kernel.duration_us
-        elif stop > end:
-            busy += stop - end
-        end = max(end, stop)
-    return busy
-
-
-def time_split(kernels: list[Kernel]) -> dict[str, float]:
+def time_split(kernels: list[Event]) -> dict[str, float]:
     """Microseconds per category over the window from the first kernel start to the last end."""
     if not kernels:
         raise ValueError("the trace has no GPU kernel events (was CUDA activity profiled?)")
     split = dict.fromkeys(CATEGORIES, 0.0)
     for kernel in kernels:
         split[classify(kernel.name)] += kernel.duration_us
-    window = max(k.start_us + k.duration_us for k in kernels) - min(k.start_us for k in kernels)
+    window = max(k.end_us for k in kernels) - min(k.start_us for k in kernels)
     split["idle"] = window - busy_time(kernels)
     return split
 
 
-def top_kernels(kernels: list[Kernel], count: int) -> list[tuple[str, float, int]]:
+def top_kernels(kernels: list[Event], count: int) -> list[tuple[str, float, int]]:
     """(name, total microseconds, calls) of the `count` kernels with the most total time."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for kernel in kernels:
@@ -192,6 +166,10 @@ def top_kernels(kernels: list[Kernel], count: int) -> list[tuple[str, float, int
         totals[kernel.name][1] += 1
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
     return [(name, total, int(calls)) for name, (total, calls) in ranked]
+
+
+def shorten(name: str, width: int = 90) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 def summary_markdown(trace: dict, top: int = 15) -> str:
@@ -217,9 +195,9 @@ def summary_markdown(trace: dict, top: int = 15) -> str:
     ]
     lines += ["", "| kernel | category | ms per step | calls per step |", "|---|---|---|---|"]
     for name, total, calls in top_kernels(kernels, top):
-        short = name if len(name) <= 90 else name[:87] + "..."
         lines.append(
-            f"| `{short}` | {classify(name)} | {total / 1e3 / steps:.2f} | {calls / steps:g} |"
+            f"| `{shorten(name)}` | {classify(name)} | {total / 1e3 / steps:.2f} | "
+            f"{calls / steps:g} |"
         )
     charged = idle_by_host_event(trace)
     if charged:
@@ -229,8 +207,7 @@ def summary_markdown(trace: dict, top: int = 15) -> str:
             "|---|---|",
         ]
         for name, total in sorted(charged.items(), key=lambda item: -item[1])[:top]:
-            short = name if len(name) <= 90 else name[:87] + "..."
-            lines.append(f"| `{short}` | {total / 1e3 / steps:.2f} |")
+            lines.append(f"| `{shorten(name)}` | {total / 1e3 / steps:.2f} |")
     return "\n".join(lines)
 
 
