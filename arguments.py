@@ -33,6 +33,7 @@ LAUNCHER_VARIABLES = {
     "--context-parallel-size": "CP",
     "--expert-model-parallel-size": "EP",
     "--seq-length": "SEQ_LEN",
+    "--expert-gemm": "EXPERT_GEMM",
 }
 # A tokenizer directory holds at least one of these (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -85,6 +86,14 @@ def add_multimodal_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     group.add_argument(
         "--recompute-vision", action="store_true", help="recompute the vision tower in backward"
+    )
+    group.add_argument(
+        "--expert-gemm",
+        choices=("te", "torch"),
+        default="te",
+        help="routed experts' GEMMs: TE's grouped linear layers (te), or one torch grouped GEMM "
+        "over all experts (torch; grouped_gemm_experts.py), for Hopper with cuBLASLt < 13.4 "
+        "where TE issues one GEMM per expert",
     )
     group.add_argument(
         "--mask-im-end",
@@ -398,12 +407,34 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
     config = model_config_from_args(args)
     check_architecture_flags(args, config)
     check_layout(args, config)
+    if args.expert_gemm == "torch":
+        check_torch_expert_gemm(args, config)
     multiple = pad_multiple(args)
     if not args.packed_sequence and args.total_seq_length % multiple:
         raise ValueError(
             f"--total-seq-length {args.total_seq_length} must be a multiple of {multiple} "
             f"({pad_multiple_reason(args)}) for BSHD batches; change --total-seq-length or CP/TP"
         )
+
+
+def check_torch_expert_gemm(args: argparse.Namespace, config: Any) -> None:
+    """`--expert-gemm torch` switches the TE grouped expert layers of a MoE model to
+    grouped_gemm_experts.py; refuse the settings it does not serve, naming the change."""
+    chosen, fallback = setting("--expert-gemm", "torch"), setting("--expert-gemm", "te")
+    if not get_model_spec(args.model_name).shape(config).num_experts:
+        raise ValueError(
+            f"{chosen} replaces the routed experts' GEMMs of a MoE model, and {config.name} is "
+            f"dense; use {fallback}"
+        )
+    for enabled, what in (
+        (getattr(args, "use_megatron_fsdp", False), "megatron-fsdp (FSDP=1), which shards the "
+         "expert weights the torch grouped GEMM reads whole"),
+        (getattr(args, "fp8", None), "FP8 (--fp8-format): the torch grouped GEMM runs in bf16"),
+        (getattr(args, "delay_wgrad_compute", False), "--delay-wgrad-compute: the torch grouped "
+         "GEMM computes weight gradients in backward"),
+    ):  # fmt: skip
+        if enabled:
+            raise ValueError(f"{chosen} does not run with {what}; drop it or use {fallback}")
 
 
 def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:

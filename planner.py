@@ -22,6 +22,11 @@ from typing import Any
 
 from models.spec import ModelShape
 
+# What each --expert-gemm choice runs, for the plan.
+EXPERT_GEMMS = {
+    "te": "TE grouped linear layers (one GEMM per expert on Hopper with cuBLASLt < 13.4)",
+    "torch": "one torch grouped GEMM over all experts (grouped_gemm_experts.py)",
+}
 GIB = 1024**3
 # Kept free of the estimate: the CUDA context, NCCL buffers, allocator fragmentation, and the
 # parts of the model the estimate leaves out (vision activations, MoE dispatch buffers).
@@ -445,6 +450,11 @@ def print_dry_run_plan(args: argparse.Namespace, config: Any, log_path: str) -> 
         f"  batch: micro {args.micro_batch_size}, global {args.global_batch_size}, "
         f"{args.total_seq_length} tokens per sample, {mode}, pad multiple {pad_multiple(args)}",
         *(f"  {line}" for line in spec.describe(config)),
+        *(
+            [f"  routed experts' GEMMs: {EXPERT_GEMMS[args.expert_gemm]} (EXPERT_GEMM)"]
+            if model.num_experts
+            else []
+        ),
         *(f"  data: {line}" for line in data),
         "  memory per GPU (estimate, GiB):",
     ]

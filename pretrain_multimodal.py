@@ -67,6 +67,14 @@ def model_provider(
         vp_stage=vp_stage,
     )
     fuse_wgrad_accumulation_in_te_layers(model, args)
+    if args.expert_gemm == "torch":
+        from grouped_gemm_experts import use_torch_grouped_gemm
+
+        if not use_torch_grouped_gemm(model):
+            raise ValueError(
+                "--expert-gemm torch (EXPERT_GEMM=torch) found no TE grouped expert layers to "
+                "switch in this model; use --expert-gemm te"
+            )
     return model
 
 

@@ -93,8 +93,9 @@ def model_runs(variant: str, prefix: str) -> list[Run]:
 
 
 def feature_runs() -> list[Run]:
-    """Launcher features on the dense proxy, each against its 1-GPU BSHD run."""
+    """Launcher features on the proxies, each against its model's 1-GPU BSHD run."""
     proxy = {"MODEL_VARIANT": "proxy"}
+    torch_experts = {"MODEL_VARIANT": "proxy-moe", "EXPERT_GEMM": "torch"}
     deterministic = {**proxy, "DETERMINISTIC": "1"}
     checkpoint = os.path.join("{ckpt}", "proxy_det")
     checkpoint_tp2 = os.path.join("{ckpt}", "proxy_tp2_det")
@@ -103,6 +104,13 @@ def feature_runs() -> list[Run]:
         Run("proxy_recompute_vision", {**proxy, "RECOMPUTE_VISION": "1"}, reference="proxy_1gpu"),
         Run("proxy_mtp0", {**proxy, "MTP_NUM_LAYERS": "0"}, reference="proxy_1gpu"),
         Run("proxy_mtp2", {**proxy, "MTP_NUM_LAYERS": "2"}, reference="proxy_1gpu"),
+        Run("moe_torch_experts", torch_experts, reference="moe_1gpu"),
+        Run(
+            "moe_ep2_torch_experts_packed",
+            {**torch_experts, "EP": "2", "PACKED": "1"},
+            gpus=2,
+            reference="moe_1gpu",
+        ),
         # The deterministic pair; the first also saves at 10 and 20 for the resume below.
         Run(
             "proxy_det",

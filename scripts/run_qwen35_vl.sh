@@ -39,7 +39,7 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
 RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
 MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}; MASK_IM_END=${MASK_IM_END:-0}
-CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}
+CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}; EXPERT_GEMM=${EXPERT_GEMM:-te}
 PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-0}
 LAUNCHER=${LAUNCHER:-torchrun}
 DETERMINISTIC=${DETERMINISTIC:-0}
@@ -99,6 +99,10 @@ case "$CP_COMM_TYPE" in
   *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;;
 esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
+case "$EXPERT_GEMM" in te|torch) ;; *) die "EXPERT_GEMM=$EXPERT_GEMM: use te (TE's grouped linear layers) or torch (one torch grouped GEMM over all experts)" ;; esac
+if [ "$EXPERT_GEMM" = torch ] && [ "$FSDP" = 1 ]; then
+  die "EXPERT_GEMM=torch with FSDP=1: megatron-fsdp shards the expert weights, which the torch grouped GEMM reads whole; use FSDP=0 or EXPERT_GEMM=te"
+fi
 if [ "$PROFILE" != 0 ]; then
   { [[ $PROFILE_STEPS =~ ^([0-9]+):([0-9]+)$ ]] \
     && [ "${BASH_REMATCH[1]}" -lt "${BASH_REMATCH[2]}" ]; } \
@@ -240,6 +244,9 @@ read -r NUM_EXPERTS VISIBLE_GPUS TRAINED <<< "${facts##*$'\n'}"
 if [ "$NUM_EXPERTS" -eq 0 ] && [ "$FORCE_LOAD_BALANCING" = 1 ]; then
   die "FORCE_LOAD_BALANCING=1 balances the experts of a MoE model, and $TRAINED is dense; use FORCE_LOAD_BALANCING=0"
 fi
+if [ "$NUM_EXPERTS" -eq 0 ] && [ "$EXPERT_GEMM" = torch ]; then
+  die "EXPERT_GEMM=torch replaces the routed experts' GEMMs of a MoE model, and $TRAINED is dense; use EXPERT_GEMM=te"
+fi
 # megatron lays dense layers out as TP x CP x DP x PP and experts as ETP x EP x expert-DP x PP
 # (ETP = TP), so EP spans CP and DP ranks and need not divide the world with CP.
 expert_parallel=$((TP * EP * PP))
@@ -247,6 +254,7 @@ expert_parallel=$((TP * EP * PP))
 if [ "$NUM_EXPERTS" -gt 0 ]; then
   ARGS+=(--moe-permute-fusion --moe-router-fusion --moe-router-dtype fp32)
   [ "$FORCE_LOAD_BALANCING" = 1 ] && ARGS+=(--moe-router-force-load-balancing)
+  ARGS+=(--expert-gemm "$EXPERT_GEMM")
 fi
 if ! "$PYTHON" -c "import fused_weight_gradient_mlp_cuda" >/dev/null 2>&1; then
   # megatron's (non-TE) output layer refuses gradient-accumulation fusion without APEX's kernel,

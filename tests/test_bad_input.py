@@ -131,6 +131,19 @@ LAUNCHER_ROWS = [
         ["FORCE_LOAD_BALANCING=1", "dense", "FORCE_LOAD_BALANCING=0"],
     ),
     ("seq-len-beyond-positions", {"SEQ_LEN": "300000"}, [], ["SEQ_LEN=300000", "262144"]),
+    ("expert-gemm-unknown", {"EXPERT_GEMM": "cutlass"}, [], ["EXPERT_GEMM=cutlass", "te", "torch"]),
+    (
+        "expert-gemm-torch-on-dense",
+        {"EXPERT_GEMM": "torch"},
+        [],
+        ["EXPERT_GEMM=torch", "dense", "EXPERT_GEMM=te"],
+    ),
+    (
+        "expert-gemm-torch-with-fsdp",
+        {"MODEL_VARIANT": "proxy-moe", "EXPERT_GEMM": "torch", "FSDP": "1", "GPUS_PER_NODE": "2"},
+        [],
+        ["EXPERT_GEMM=torch with FSDP=1", "FSDP=0 or EXPERT_GEMM=te"],
+    ),
 ]
 
 

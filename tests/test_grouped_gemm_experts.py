@@ -1,15 +1,16 @@
-"""models/qwen35_vl/grouped_gemm_experts.py on CPU (torch's grouped GEMM runs there in fp32): the
+"""grouped_gemm_experts.py on CPU (torch's grouped GEMM runs there in fp32): the
 grouped forward and backward equal one matmul per expert, empty experts included; weight
 gradients land in megatron-style fp32 `main_grad` buffers (one layer's experts back to back in
 either order, or scattered) with the weights marked as delivered; the layer swap keeps parameters
-and refuses what it cannot compute. The GPU speed and bf16 numerics need an H100/H200 run."""
+and refuses what it cannot compute. bf16 against TE's experts on a GPU:
+tests/test_grouped_gemm_experts_vs_te.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.qwen35_vl import grouped_gemm_experts as experts
+import grouped_gemm_experts as experts
 
 COUNTS = [3, 0, 5, 2]  # tokens per expert, one expert without tokens
 IN, OUT = 16, 8
@@ -120,9 +121,10 @@ class FakeGroupedLinear(torch.nn.Module):
 
 
 class FakeExperts(torch.nn.Module):
-    def __init__(self, use_bias: bool = False, fp8: bool = False) -> None:
+    def __init__(self, use_bias: bool = False, fp8: bool = False, delay_wgrad: bool = False):
         super().__init__()
-        self.config = type("Config", (), {"fp8": fp8, "fp4": False})()
+        fields = {"fp8": fp8, "fp4": False, "delay_wgrad_compute": delay_wgrad}
+        self.config = type("Config", (), fields)()
         self.linear_fc1 = FakeGroupedLinear(len(COUNTS), use_bias)
         self.linear_fc2 = FakeGroupedLinear(len(COUNTS))
 
@@ -151,7 +153,11 @@ def test_swap_keeps_the_parameters_and_computes_the_grouped_gemm(fake_te_grouped
 
 @pytest.mark.parametrize(
     ("module", "message"),
-    [(FakeExperts(use_bias=True), "has biases"), (FakeExperts(fp8=True), "FP8")],
+    [
+        (FakeExperts(use_bias=True), "has biases"),
+        (FakeExperts(fp8=True), "FP8"),
+        (FakeExperts(delay_wgrad=True), "delay_wgrad_compute"),
+    ],
 )
 def test_swap_refuses_what_it_cannot_compute(fake_te_grouped_mlp, module, message):
     with pytest.raises(ValueError, match=message):

@@ -4,7 +4,7 @@
 
 The tiny MoE model is built twice from the same weights under megatron DDP with training's TE
 weight-gradient fusion; the second build's expert layers are switched by
-`models.qwen35_vl.grouped_gemm_experts.use_torch_grouped_gemm`. Both take the same two
+`grouped_gemm_experts.use_torch_grouped_gemm`. Both take the same two
 micro-batches. Limits: both compute in bf16 with different GEMM kernels, so each GEMM output may
 differ by one bf16 rounding, 2^-8 = 3.9e-3 relative; the losses (means over tokens) and every
 parameter's accumulated fp32 `main_grad` (TE adds the expert weight gradients in fp32 inside its
@@ -38,7 +38,7 @@ BF16_ROUNDING = 2.0**-8
 
 
 def with_torch_grouped_experts(model) -> int:
-    from models.qwen35_vl.grouped_gemm_experts import use_torch_grouped_gemm
+    from grouped_gemm_experts import use_torch_grouped_gemm
 
     fuse_wgrad_accumulation(model)
     return use_torch_grouped_gemm(model)

@@ -148,6 +148,14 @@ def test_moe_expert_parallel(tmp_path):
     out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EP="2", GPUS_PER_NODE="2"))
     assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2; EP 2" in out
     assert "MoE 16 experts top-4" in out
+    assert "routed experts' GEMMs: TE grouped linear layers" in out
+    assert "--expert-gemm te" in out
+
+
+def test_torch_expert_gemm_reaches_megatron_and_the_plan(tmp_path):
+    out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EXPERT_GEMM="torch"))
+    assert "--expert-gemm torch" in out
+    assert "routed experts' GEMMs: one torch grouped GEMM over all experts" in out
 
 
 def test_expert_parallelism_spans_context_parallel_ranks(tmp_path):
@@ -390,6 +398,33 @@ def test_architecture_flags_must_match_the_model(variant, flags, needles):
     with pytest.raises(ValueError) as error:
         validate_multimodal_args(megatron_like_args(variant, **flags))
     assert all(needle in str(error.value) for needle in needles), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("variant", "flags", "needle"),
+    [
+        ("proxy", {}, "proxy is dense; use EXPERT_GEMM=te (--expert-gemm)"),
+        ("proxy-moe", {"use_megatron_fsdp": True}, "megatron-fsdp (FSDP=1)"),
+        ("proxy-moe", {"fp8": "hybrid"}, "FP8 (--fp8-format)"),
+        ("proxy-moe", {"delay_wgrad_compute": True}, "--delay-wgrad-compute"),
+    ],
+    ids=["dense", "megatron-fsdp", "fp8", "delayed-wgrad"],
+)
+def test_torch_expert_gemm_refuses_what_it_does_not_serve(variant, flags, needle):
+    args = megatron_like_args(
+        variant, expert_gemm="torch", seq_length=1000, total_seq_length=1000, **flags
+    )
+    with pytest.raises(ValueError) as error:
+        validate_multimodal_args(args)
+    assert "EXPERT_GEMM=torch (--expert-gemm)" in str(error.value)
+    assert needle in str(error.value), str(error.value)
+
+
+def test_torch_expert_gemm_on_a_moe_model_passes():
+    args = megatron_like_args(
+        "proxy-moe", expert_gemm="torch", seq_length=1000, total_seq_length=1000
+    )
+    validate_multimodal_args(args)
 
 
 def test_architecture_flags_equal_to_the_model_pass():

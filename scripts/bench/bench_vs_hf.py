@@ -189,7 +189,7 @@ def megatron_side(
         )
         fuse_wgrad_accumulation_in_te_layers(model, ddp)
     if expert_gemm == "torch":
-        from models.qwen35_vl.grouped_gemm_experts import use_torch_grouped_gemm
+        from grouped_gemm_experts import use_torch_grouped_gemm
 
         if not use_torch_grouped_gemm(model):
             raise SystemExit("--expert-gemm torch: the model has no routed experts")
@@ -348,7 +348,7 @@ def main() -> None:
         choices=("te", "torch"),
         default="te",
         help="routed experts through TE's grouped linear layers (as training does) or torch's "
-        "grouped GEMM (models/qwen35_vl/grouped_gemm_experts.py)",
+        "grouped GEMM (grouped_gemm_experts.py)",
     )
     parser.add_argument(
         "--config",

@@ -1,9 +1,9 @@
 """Routed experts whose per-expert GEMMs run as one torch grouped GEMM (`torch._grouped_mm`).
 
 Transformer Engine's `GroupedLinear` issues one cuBLAS GEMM per expert on Hopper unless cuBLASLt
-is 13.4 or newer; with 256 experts the host then spends the step issuing kernels. This swaps
-the forward of megatron's TE grouped expert layers for torch's grouped GEMM, keeping their
-parameters (`weight0..N`), checkpoints and megatron's expert MLP around them untouched.
+is 13.4 or newer. This swaps the forward of any model's megatron TE grouped expert layers for
+torch's grouped GEMM (`--expert-gemm torch`), keeping their parameters (`weight0..N`),
+checkpoints and megatron's expert MLP around them untouched.
 """
 
 from __future__ import annotations
@@ -132,6 +132,11 @@ def use_torch_grouped_gemm(model: torch.nn.Module) -> int:
             continue
         if module.config.fp8 or module.config.fp4:
             raise ValueError("torch grouped GEMM experts run in bf16/fp16; turn FP8/FP4 off")
+        if module.config.delay_wgrad_compute:
+            raise ValueError(
+                "torch grouped GEMM experts compute weight gradients in backward; turn "
+                "delay_wgrad_compute off"
+            )
         for linear in (module.linear_fc1, module.linear_fc2):
             if getattr(linear, "use_bias", False):
                 raise ValueError(f"{type(linear).__name__} has biases; torch grouped GEMM has none")
