@@ -153,19 +153,31 @@ def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
     assert not model[0].fuse_wgrad_accumulation
 
 
-def test_training_model_provider_fuses_te_wgrad_accumulation(monkeypatch):
-    """The fusion stays on in training: model_provider switches the built model's TE layers."""
+def provide_model(monkeypatch, built: torch.nn.Module, **settings) -> torch.nn.Module:
+    """pretrain_multimodal.model_provider on a stand-in spec that returns `built`."""
     import types
 
     import megatron.training
 
     import pretrain_multimodal
 
-    built = torch.nn.Sequential(LayerWithFusionSetting())
     spec = types.SimpleNamespace(build_model=lambda *args, **kwargs: built)
-    args = training_args(model_name="any", recompute_vision=False)
+    args = training_args(model_name="any", recompute_vision=False, **settings)
     monkeypatch.setattr(megatron.training, "get_args", lambda: args)
     monkeypatch.setattr(pretrain_multimodal, "get_model_spec", lambda name: spec)
     monkeypatch.setattr(pretrain_multimodal, "resolved_model_config", lambda args: None)
-    model = pretrain_multimodal.model_provider(config=object(), pg_collection=object())
+    return pretrain_multimodal.model_provider(config=object(), pg_collection=object())
+
+
+def test_training_model_provider_fuses_te_wgrad_accumulation(monkeypatch):
+    """The fusion stays on in training: model_provider switches the built model's TE layers."""
+    built = torch.nn.Sequential(LayerWithFusionSetting())
+    model = provide_model(monkeypatch, built, expert_gemm="te")
     assert model is built and model[0].fuse_wgrad_accumulation
+
+
+def test_torch_expert_gemm_refuses_a_model_without_te_experts(monkeypatch):
+    """--expert-gemm torch must switch something: silently training TE's experts is refused."""
+    built = torch.nn.Sequential(LayerWithFusionSetting())
+    with pytest.raises(ValueError, match="found no TE grouped expert layers"):
+        provide_model(monkeypatch, built, expert_gemm="torch")
