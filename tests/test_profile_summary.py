@@ -120,3 +120,22 @@ def test_markdown_lists_the_host_events_behind_idle_time():
     # the ProfilerStep ranges are not charged): 35 us over 2 steps.
     assert "| `(no recorded host event: Python between operators)` | 0.02 |" in text
     assert text.count("| `aten::mm` |") == 0
+
+
+def test_python_functions_of_a_stack_trace_take_the_idle_time():
+    # With Python stacks recorded, time between operators goes to the function under way.
+    trace = {
+        "traceEvents": [
+            kernel("nvjet_a", 0, 10),
+            kernel("nvjet_b", 30, 10),
+            host("moe_layer.py(120): forward", 8, 20, "python_function"),
+            host("dispatcher.py(40): permute", 12, 4, "python_function"),
+            host("aten::empty", 13, 1),
+        ]
+    }
+    assert idle_by_host_event(trace) == {
+        "moe_layer.py(120): forward": (12 - 10) + (28 - 16),
+        "dispatcher.py(40): permute": 3,
+        "aten::empty": 1,
+        OUTSIDE_HOST_EVENTS: 30 - 28,
+    }

@@ -142,6 +142,7 @@ def megatron_side(
     config_overrides: dict[str, dict] | None = None,
     sync_sites: bool = False,
     expert_gemm: str = "te",
+    profile_python: bool = False,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition) and the step is timed on every rank."""
@@ -248,7 +249,7 @@ def megatron_side(
     vision_seconds = time_steps(vision_step, 1, iters)
     model.zero_grad_buffer()
     if profile_dir:
-        profile_steps(step, profile_dir)
+        profile_steps(step, profile_dir, with_stack=profile_python)
     if sync_sites:
         sites = synchronising_call_sites(step)
         if torch.distributed.get_rank() == 0:
@@ -257,8 +258,9 @@ def megatron_side(
     return {"step_seconds": seconds, "max_memory_gib": memory, "vision_seconds": vision_seconds}
 
 
-def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
-    """Profile `steps` training steps, write the Chrome trace and print where the time goes."""
+def profile_steps(step, profile_dir: str, steps: int = 3, with_stack: bool = False) -> None:
+    """Profile `steps` training steps, write the Chrome trace and print where the time goes;
+    `with_stack` records Python functions too (slower steps, but idle time then names them)."""
     from scripts.bench.profile_summary import summary_markdown
 
     os.makedirs(profile_dir, exist_ok=True)
@@ -272,6 +274,7 @@ def profile_steps(step, profile_dir: str, steps: int = 3) -> None:
         activities=activities,
         schedule=schedule,
         on_trace_ready=(lambda profiler: profiler.export_chrome_trace(path)) if rank0 else None,
+        with_stack=with_stack,
     ) as profiler:
         for _ in range(steps + 1):
             step()
@@ -339,6 +342,12 @@ def main() -> None:
     )
     parser.add_argument("--profile", default="", help="directory for a profile of our steps")
     parser.add_argument(
+        "--profile-python",
+        action="store_true",
+        help="with --profile: record Python stacks, so that idle GPU time is charged to the "
+        "Python function under way (the profiled steps run slower)",
+    )
+    parser.add_argument(
         "--sync-sites",
         action="store_true",
         help="after timing, count where one of our steps makes the host wait for the GPU",
@@ -373,6 +382,8 @@ def main() -> None:
         help="ours on the THD pack (attention within each sample), or on HF's single BSHD row",
     )
     args = parser.parse_args()
+    if args.profile_python and not args.profile:
+        parser.error("--profile-python records stacks in a profile: add --profile DIR")
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -434,6 +445,7 @@ def main() -> None:
         config_overrides,
         args.sync_sites,
         args.expert_gemm,
+        profile_python=args.profile_python,
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
     results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)

@@ -9,8 +9,8 @@ and what the host was doing while the GPU was idle.
 Kernels are classified by name, first matching rule wins (`CATEGORY_RULES`); time per category
 sums kernel durations, so kernels overlapping on two streams count twice while idle is measured
 on the union of all kernel intervals. Idle time is charged to the innermost host event (operator,
-annotation or CUDA API call, on any thread) under way at each instant of it; time under no recorded
-event is Python between operators.
+annotation, CUDA API call or, in traces recorded with Python stacks, Python function; on any
+thread) under way at each instant of it; time under no recorded event is Python between operators.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ CATEGORY_RULES: tuple[tuple[str, str], ...] = (
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
 )
 CATEGORIES = (*(name for name, _ in CATEGORY_RULES), "other kernels", "idle")
-HOST_EVENT_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
+HOST_EVENT_CATEGORIES = (
+    "cpu_op",
+    "user_annotation",
+    "cuda_runtime",
+    "cuda_driver",
+    "python_function",  # present when the profiler recorded stacks (with_stack=True)
+)
 OUTSIDE_HOST_EVENTS = "(no recorded host event: Python between operators)"
 
 
