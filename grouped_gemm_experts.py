@@ -123,7 +123,8 @@ _SWAPPED_CLASSES: dict[type, type] = {}
 def use_torch_grouped_gemm(model: torch.nn.Module) -> int:
     """Switch every routed-expert linear layer of megatron's `TEGroupedMLP` in `model` to torch's
     grouped GEMM, in place; returns how many layers were switched. Refuses layers it cannot
-    serve (biases, FP8) instead of computing something else."""
+    serve (biases, FP8) instead of computing something else, and a model with none to switch
+    instead of silently training TE's experts."""
     from megatron.core.transformer.moe.experts import TEGroupedMLP
 
     switched = 0
@@ -147,4 +148,9 @@ def use_torch_grouped_gemm(model: torch.nn.Module) -> int:
                 )
             linear.__class__ = _SWAPPED_CLASSES[cls]
             switched += 1
+    if not switched:
+        raise ValueError(
+            "--expert-gemm torch (EXPERT_GEMM=torch) found no TE grouped expert layers to switch "
+            "in this model; use --expert-gemm te"
+        )
     return switched

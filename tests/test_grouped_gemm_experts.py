@@ -162,3 +162,8 @@ def test_swap_keeps_the_parameters_and_computes_the_grouped_gemm(fake_te_grouped
 def test_swap_refuses_what_it_cannot_compute(fake_te_grouped_mlp, module, message):
     with pytest.raises(ValueError, match=message):
         experts.use_torch_grouped_gemm(module)
+
+
+def test_swap_refuses_a_model_without_te_experts(fake_te_grouped_mlp):
+    with pytest.raises(ValueError, match="found no TE grouped expert layers"):
+        experts.use_torch_grouped_gemm(torch.nn.Sequential(torch.nn.Linear(IN, OUT)))

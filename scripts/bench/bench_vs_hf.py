@@ -192,8 +192,7 @@ def megatron_side(
     if expert_gemm == "torch":
         from grouped_gemm_experts import use_torch_grouped_gemm
 
-        if not use_torch_grouped_gemm(model):
-            raise SystemExit("--expert-gemm torch: the model has no routed experts")
+        use_torch_grouped_gemm(model)
     model.model_type = ModelType.encoder_or_decoder  # read by the schedule, set as get_model does
     language = model.language_model.config
     model = Float16Module(language, model)
