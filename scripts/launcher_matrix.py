@@ -99,6 +99,7 @@ def feature_runs() -> list[Run]:
     deterministic = {**proxy, "DETERMINISTIC": "1"}
     checkpoint = os.path.join("{ckpt}", "proxy_det")
     checkpoint_tp2 = os.path.join("{ckpt}", "proxy_tp2_det")
+    checkpoint_experts = os.path.join("{ckpt}", "moe_ep2_torch_experts_det")
     return [
         Run("proxy_recompute", {**proxy, "RECOMPUTE": "1"}, reference="proxy_1gpu"),
         Run("proxy_recompute_vision", {**proxy, "RECOMPUTE_VISION": "1"}, reference="proxy_1gpu"),
@@ -110,6 +111,28 @@ def feature_runs() -> list[Run]:
             {**torch_experts, "EP": "2", "PACKED": "1"},
             gpus=2,
             reference="moe_1gpu",
+        ),
+        # The stacked expert weights through a distributed checkpoint (one tensor per global
+        # expert index across EP=2) and back: the resumed run must repeat the saved one bitwise.
+        Run(
+            "moe_ep2_torch_experts_det",
+            {
+                **torch_experts,
+                "EP": "2",
+                "DETERMINISTIC": "1",
+                "CKPT_SAVE": checkpoint_experts,
+                "SAVE_INTERVAL": "10",
+            },
+            gpus=2,
+            reference="moe_1gpu",
+        ),
+        Run(
+            "moe_ep2_torch_experts_det_resume10",
+            {**torch_experts, "EP": "2", "DETERMINISTIC": "1", "CKPT_LOAD": checkpoint_experts},
+            gpus=2,
+            args=("--ckpt-step", "10"),
+            after="moe_ep2_torch_experts_det",
+            equal_to="moe_ep2_torch_experts_det",
         ),
         # The deterministic pair; the first also saves at 10 and 20 for the resume below.
         Run(
