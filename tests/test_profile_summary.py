@@ -139,3 +139,22 @@ def test_python_functions_of_a_stack_trace_take_the_idle_time():
         "aten::empty": 1,
         OUTSIDE_HOST_EVENTS: 30 - 28,
     }
+
+
+def test_short_python_functions_can_be_left_to_their_caller():
+    # --min-python-us 5: the 4 us `permute` is dropped and its idle time goes to `forward`;
+    # operators are kept whatever their length.
+    trace = {
+        "traceEvents": [
+            kernel("nvjet_a", 0, 10),
+            kernel("nvjet_b", 30, 10),
+            host("moe_layer.py(120): forward", 8, 20, "python_function"),
+            host("dispatcher.py(40): permute", 12, 4, "python_function"),
+            host("aten::empty", 13, 1),
+        ]
+    }
+    assert idle_by_host_event(trace, min_python_us=5) == {
+        "moe_layer.py(120): forward": (13 - 10) + (28 - 14),
+        "aten::empty": 1,
+        OUTSIDE_HOST_EVENTS: 30 - 28,
+    }

@@ -4,13 +4,15 @@ prints the top kernels and the split of the profiled window into GEMM, attention
 MoE dispatch, communication, optimizer, other kernels and idle (no kernel running on any stream),
 and what the host was doing while the GPU was idle.
 
-    python scripts/bench/profile_summary.py TRACE.json [--top 15]
+    python scripts/bench/profile_summary.py TRACE.json [--top 15] [--min-python-us 20]
 
 Kernels are classified by name, first matching rule wins (`CATEGORY_RULES`); time per category
 sums kernel durations, so kernels overlapping on two streams count twice while idle is measured
 on the union of all kernel intervals. Idle time is charged to the innermost host event (operator,
 annotation, CUDA API call or, in traces recorded with Python stacks, Python function; on any
 thread) under way at each instant of it; time under no recorded event is Python between operators.
+A trace with Python stacks holds millions of short Python-function events (600 MB for four MoE
+layers); `--min-python-us` leaves out those shorter than that, charging their time to the caller.
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ def event_categories(trace: dict) -> dict[str, int]:
     return dict(counts)
 
 
-def events_of(trace: dict, categories: tuple[str, ...]) -> list[Event]:
+def events_of(trace: dict, categories: tuple[str, ...], min_python_us: float = 0.0) -> list[Event]:
     """The trace's complete events of those categories (`cat`); ProfilerStep ranges left out
-    (they cover everything)."""
+    (they cover everything), and Python-function events shorter than `min_python_us`."""
     return [
         Event(str(event["name"]), float(event["ts"]), float(event["dur"]))
         for event in trace.get("traceEvents", [])
         if event.get("ph") == "X"
         and event.get("cat") in categories
         and not str(event.get("name", "")).startswith("ProfilerStep#")
+        and (event.get("cat") != "python_function" or float(event["dur"]) >= min_python_us)
     ]
 
 
@@ -126,12 +129,14 @@ def busy_time(kernels: list[Event]) -> float:
     return sum(stop - start for start, stop in busy_intervals(kernels))
 
 
-def idle_by_host_event(trace: dict) -> dict[str, float]:
+def idle_by_host_event(trace: dict, min_python_us: float = 0.0) -> dict[str, float]:
     """Microseconds of idle time (no kernel on any stream, as in `time_split`) charged to the
-    innermost host event under way, by name."""
+    innermost host event under way, by name (Python functions shorter than `min_python_us`
+    left out)."""
     busy = busy_intervals(kernels_of(trace))
     gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
-    events = sorted(events_of(trace, HOST_EVENT_CATEGORIES), key=lambda e: e.start_us)
+    host_events = events_of(trace, HOST_EVENT_CATEGORIES, min_python_us)
+    events = sorted(host_events, key=lambda e: e.start_us)
     charged: dict[str, float] = defaultdict(float)
     # One sweep: gaps come in time order, so an event that ended before a gap ends before all
     # later ones; what stays active is the few events nested around the current instant.
@@ -178,7 +183,7 @@ def shorten(name: str, width: int = 90) -> str:
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
-def summary_markdown(trace: dict, top: int = 15) -> str:
+def summary_markdown(trace: dict, top: int = 15, min_python_us: float = 0.0) -> str:
     kernels = kernels_of(trace)
     if not kernels:
         raise ValueError(
@@ -205,7 +210,7 @@ def summary_markdown(trace: dict, top: int = 15) -> str:
             f"| `{shorten(name)}` | {classify(name)} | {total / 1e3 / steps:.2f} | "
             f"{calls / steps:g} |"
         )
-    charged = idle_by_host_event(trace)
+    charged = idle_by_host_event(trace, min_python_us)
     if charged:
         lines += [
             "",
@@ -221,8 +226,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="torch-profiler Chrome trace (.json or .json.gz)")
     parser.add_argument("--top", type=int, default=15, help="how many kernels to list")
+    parser.add_argument(
+        "--min-python-us",
+        type=float,
+        default=0.0,
+        help="leave out Python-function events shorter than this (their time goes to the "
+        "caller); 20 makes a stack trace of a few layers readable in under a minute",
+    )
     args = parser.parse_args()
-    print(summary_markdown(load_trace(args.trace), args.top))
+    print(summary_markdown(load_trace(args.trace), args.top, args.min_python_us))
 
 
 if __name__ == "__main__":
