@@ -435,6 +435,15 @@ def check_torch_expert_gemm(args: argparse.Namespace, config: Any) -> None:
     ):  # fmt: skip
         if enabled:
             raise ValueError(f"{chosen} does not run with {what}; drop it or use {fallback}")
+    expert_tp = getattr(args, "expert_tensor_parallel_size", None) or getattr(
+        args, "tensor_model_parallel_size", 1
+    )
+    if expert_tp > 1:
+        raise ValueError(
+            f"{chosen} holds whole experts, and expert tensor parallelism {expert_tp} (it follows "
+            "TP unless set) splits each one; add --expert-tensor-parallel-size 1 (TP may stay) "
+            f"or use {fallback}"
+        )
 
 
 def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:

@@ -25,7 +25,8 @@ from models.spec import ModelShape
 # What each --expert-gemm choice runs, for the plan.
 EXPERT_GEMMS = {
     "te": "TE grouped linear layers (one GEMM per expert on Hopper with cuBLASLt < 13.4)",
-    "torch": "one torch grouped GEMM over all experts (grouped_gemm_experts.py)",
+    "torch": "one torch grouped GEMM over all experts, their weights stacked in one parameter "
+    "per layer (grouped_gemm_experts.py)",
 }
 GIB = 1024**3
 # Kept free of the estimate: the CUDA context, NCCL buffers, allocator fragmentation, and the

@@ -144,6 +144,12 @@ LAUNCHER_ROWS = [
         [],
         ["EXPERT_GEMM=torch with FSDP=1", "FSDP=0 or EXPERT_GEMM=te"],
     ),
+    (
+        "expert-gemm-torch-with-expert-tp",
+        {"MODEL_VARIANT": "proxy-moe", "EXPERT_GEMM": "torch", "TP": "2", "GPUS_PER_NODE": "2"},
+        [],
+        ["EXPERT_GEMM=torch", "expert tensor parallelism 2", "--expert-tensor-parallel-size 1"],
+    ),
 ]
 
 

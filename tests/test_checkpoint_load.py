@@ -7,7 +7,9 @@ For the tiny dense and MoE configs with an MTP layer, HF weights saved by save_p
 of the model's own `sharded_state_dict()` (megatron's factories applied) and every `_extra_state`
 object the model asks for is stored; megatron's `dist_checkpointing.load` fills a freshly built
 model whose parameters then equal, bit for bit, those copied from HF through the weight mapping;
-and its bf16 logits and loss match HF's fp32 ones (bf16 limits as in test_hf_parity.py).
+and its bf16 logits and loss match HF's fp32 ones (bf16 limits as in test_hf_parity.py). The MoE
+model is checked twice: with TE's grouped experts and with `--expert-gemm torch`'s stacked experts
+(grouped_gemm_experts.py), which must ask for the same expert tensors under the same keys.
 Exits non-zero when a check fails; pytest runs it through torchrun and skips it without CUDA.
 """
 
@@ -76,22 +78,41 @@ def model_layout(model) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     return tensors, objects
 
 
-def checkpoint_checks(moe: bool, workdir: str):
+def build_model(config, expert_gemm: str):
+    model = build_megatron(config, torch.bfloat16)
+    if expert_gemm == "torch":
+        from grouped_gemm_experts import use_torch_grouped_gemm
+
+        use_torch_grouped_gemm(model)
+    return model
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    """The model's tensors by state-dict name (stacked experts listed per expert, as TE's)."""
+    return {
+        name: value
+        for name, value in model.state_dict().items()
+        if torch.is_tensor(value) and not name.endswith("_extra_state")
+    }
+
+
+def checkpoint_checks(moe: bool, workdir: str, expert_gemm: str = "te"):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     from scripts.convert_hf_checkpoint import import_checkpoint
 
     config = tiny_config(moe=moe, mtp_layers=1)
-    tag = config.name
+    tag = config.name + (" torch experts" if expert_gemm == "torch" else "")
     hf = build_hf(config.with_mtp_layers(0))
-    hf_dir, ckpt = os.path.join(workdir, f"{tag}-hf"), os.path.join(workdir, f"{tag}-ckpt")
+    hf_dir = os.path.join(workdir, f"{tag}-hf".replace(" ", "-"))
+    ckpt = os.path.join(workdir, f"{tag}-ckpt".replace(" ", "-"))
     hf_tensors = save_hf_checkpoint(hf.to(torch.bfloat16).cpu(), config, hf_dir, with_mtp=True)
     hf.float().cuda()
     import_checkpoint(hf_dir, ckpt)
     release = os.path.join(ckpt, "release")
 
-    model = build_megatron(config, torch.bfloat16)
+    model = build_model(config, expert_gemm)
     wanted_tensors, wanted_objects = model_layout(model)
     stored_tensors = {
         key: tuple(t.global_shape)
@@ -123,7 +144,7 @@ def checkpoint_checks(moe: bool, workdir: str):
     model.load_state_dict(loaded, strict=True)
     reference = build_megatron(config, torch.bfloat16)
     load_hf_tensors(reference, hf_tensors, config)
-    ours, theirs = dict(model.named_parameters()), dict(reference.named_parameters())
+    ours, theirs = weights_of(model), weights_of(reference)
     differing = sorted(name for name in theirs if not torch.equal(ours[name], theirs[name]))
     yield Check(
         f"{tag} parameters differing from the direct mapping",
@@ -154,9 +175,14 @@ def main() -> int:
     set_model_parallel()
     ok = True
     with tempfile.TemporaryDirectory() as workdir:
-        for moe in (False, True):
-            checks = run_section("checkpoint", partial(checkpoint_checks, moe, workdir))
-            ok &= print_table(f"Imported checkpoint, {'MoE' if moe else 'dense'}", checks)
+        for moe, expert_gemm in ((False, "te"), (True, "te"), (True, "torch")):
+            checks = run_section(
+                "checkpoint", partial(checkpoint_checks, moe, workdir, expert_gemm)
+            )
+            title = "MoE" if moe else "dense"
+            if expert_gemm == "torch":
+                title += ", stacked torch experts"
+            ok &= print_table(f"Imported checkpoint, {title}", checks)
     return 0 if ok else 1
 
 

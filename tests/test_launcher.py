@@ -155,7 +155,10 @@ def test_moe_expert_parallel(tmp_path):
 def test_torch_expert_gemm_reaches_megatron_and_the_plan(tmp_path):
     out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EXPERT_GEMM="torch"))
     assert "--expert-gemm torch" in out
-    assert "routed experts' GEMMs: one torch grouped GEMM over all experts" in out
+    assert (
+        "routed experts' GEMMs: one torch grouped GEMM over all experts, their weights stacked"
+        in out
+    )
 
 
 def test_expert_parallelism_spans_context_parallel_ranks(tmp_path):
@@ -421,10 +424,21 @@ def test_torch_expert_gemm_refuses_what_it_does_not_serve(variant, flags, needle
 
 
 def test_torch_expert_gemm_on_a_moe_model_passes():
+    # TP=2 here: the experts stay whole with expert tensor parallelism 1.
     args = megatron_like_args(
-        "proxy-moe", expert_gemm="torch", seq_length=1000, total_seq_length=1000
+        "proxy-moe",
+        expert_gemm="torch",
+        expert_tensor_parallel_size=1,
+        seq_length=1000,
+        total_seq_length=1000,
     )
     validate_multimodal_args(args)
+    with pytest.raises(ValueError, match="expert tensor parallelism 2"):
+        validate_multimodal_args(
+            megatron_like_args(
+                "proxy-moe", expert_gemm="torch", seq_length=1000, total_seq_length=1000
+            )
+        )
 
 
 def test_architecture_flags_equal_to_the_model_pass():
