@@ -122,9 +122,10 @@ def test_markdown_lists_the_host_events_behind_idle_time():
     assert text.count("| `aten::mm` |") == 0
 
 
-def test_python_functions_of_a_stack_trace_take_the_idle_time():
-    # With Python stacks recorded, time between operators goes to the function under way.
-    trace = {
+def stack_trace() -> dict:
+    """Two kernels around a 20 us gap, with a Python function (and a shorter one inside it)
+    and an operator under way in the gap."""
+    return {
         "traceEvents": [
             kernel("nvjet_a", 0, 10),
             kernel("nvjet_b", 30, 10),
@@ -133,6 +134,11 @@ def test_python_functions_of_a_stack_trace_take_the_idle_time():
             host("aten::empty", 13, 1),
         ]
     }
+
+
+def test_python_functions_of_a_stack_trace_take_the_idle_time():
+    # With Python stacks recorded, time between operators goes to the function under way.
+    trace = stack_trace()
     assert idle_by_host_event(trace) == {
         "moe_layer.py(120): forward": (12 - 10) + (28 - 16),
         "dispatcher.py(40): permute": 3,
@@ -144,15 +150,7 @@ def test_python_functions_of_a_stack_trace_take_the_idle_time():
 def test_short_python_functions_can_be_left_to_their_caller():
     # --min-python-us 5: the 4 us `permute` is dropped and its idle time goes to `forward`;
     # operators are kept whatever their length.
-    trace = {
-        "traceEvents": [
-            kernel("nvjet_a", 0, 10),
-            kernel("nvjet_b", 30, 10),
-            host("moe_layer.py(120): forward", 8, 20, "python_function"),
-            host("dispatcher.py(40): permute", 12, 4, "python_function"),
-            host("aten::empty", 13, 1),
-        ]
-    }
+    trace = stack_trace()
     assert idle_by_host_event(trace, min_python_us=5) == {
         "moe_layer.py(120): forward": (13 - 10) + (28 - 14),
         "aten::empty": 1,
