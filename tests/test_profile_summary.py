@@ -1,7 +1,8 @@
 """scripts/bench/profile_summary.py on a hand-made Chrome trace: kernel names go to the right
 category, overlapping kernels on two streams count once for idle, per-step figures divide by the
-ProfilerStep ranges, GPU idle time goes to the innermost host event under way, and a trace
-without kernels is an error."""
+ProfilerStep ranges, GPU idle time goes to the innermost host event under way, the kernels a
+host event launched are matched to it by correlation id, and a trace without kernels is an
+error."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from scripts.bench.profile_summary import (
     load_trace,
     summary_markdown,
     time_split,
+    within_markdown,
+    work_issued_within,
 )
 
 
@@ -156,3 +159,30 @@ def test_short_python_functions_can_be_left_to_their_caller():
         "aten::empty": 1,
         OUTSIDE_HOST_EVENTS: 30 - 28,
     }
+
+
+def launched(name: str, launch_at: float, start: float, duration: float, correlation: int):
+    """A kernel and the CUDA call that launched it, tied by their correlation id."""
+    link = {"args": {"correlation": correlation}}
+    return [
+        {**host("cudaLaunchKernel", launch_at, 1, "cuda_runtime"), **link},
+        {**kernel(name, start, duration), **link},
+    ]
+
+
+def test_work_issued_within_a_host_event_is_matched_by_correlation():
+    # `encode` runs on the host from 0 to 100 us and launches two kernels (one through the
+    # driver API, as Triton does) that overlap on the GPU; the third kernel is launched after it.
+    trace = {
+        "traceEvents": [
+            host("vision.py(143): encode", 0, 100, "python_function"),
+            *launched("gemm", 10, 20, 10, correlation=1),
+            *launched("triton_rope", 50, 25, 10, correlation=2),
+            *launched("decoder_gemm", 120, 130, 40, correlation=3),
+        ]
+    }
+    trace["traceEvents"][3]["cat"] = "cuda_driver"
+    (work,) = work_issued_within(trace, "vision.py(143)")
+    assert (work.host_us, work.kernels, work.kernel_busy_us) == (100, 2, 15)
+    assert "| `vision.py(143): encode` | 0.1 | 2 | 0.0 | 15% |" in within_markdown([work])
+    assert "no host event" in within_markdown(work_issued_within(trace, "decoder.py"))

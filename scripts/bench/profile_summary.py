@@ -5,6 +5,7 @@ MoE dispatch, communication, optimizer, other kernels and idle (no kernel runnin
 and what the host was doing while the GPU was idle.
 
     python scripts/bench/profile_summary.py TRACE.json [--top 15] [--min-python-us 20]
+        [--within "models/qwen35_vl/vision.py(143): encode"]
 
 Kernels are classified by name, first matching rule wins (`CATEGORY_RULES`); time per category
 sums kernel durations, so kernels overlapping on two streams count twice while idle is measured
@@ -13,6 +14,10 @@ annotation, CUDA API call or, in traces recorded with Python stacks, Python func
 thread) under way at each instant of it; time under no recorded event is Python between operators.
 A trace with Python stacks holds millions of short Python-function events (600 MB for four MoE
 layers); `--min-python-us` leaves out those shorter than that, charging their time to the caller.
+`--within NAME` compares, for each host event whose name starts with NAME (a module's forward in a
+stack trace), the host time it took with the GPU time of the kernels launched inside it (matched
+to their launches by the trace's correlation ids): a region whose kernels run in a small part of
+its host time is bound by the host.
 """
 
 from __future__ import annotations
@@ -157,6 +162,51 @@ def idle_by_host_event(trace: dict, min_python_us: float = 0.0) -> dict[str, flo
     return dict(charged)
 
 
+@dataclass(frozen=True)
+class IssuedWork:
+    """A host event and the GPU work launched while it was under way."""
+
+    name: str
+    host_us: float
+    kernels: int
+    kernel_busy_us: float
+
+
+def work_issued_within(trace: dict, name_prefix: str) -> list[IssuedWork]:
+    """For each complete host event whose name starts with `name_prefix`: its duration, the
+    kernels whose launch (CUDA runtime or driver call, by correlation id) lies inside it, and the
+    length of the union of those kernels' intervals."""
+    events = trace.get("traceEvents", [])
+    launches = sorted(
+        (float(e["ts"]), e["args"]["correlation"])
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    )
+    kernels = {
+        e["args"]["correlation"]: Event(str(e["name"]), float(e["ts"]), float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") == "kernel" and "correlation" in e.get("args", {})
+    }
+    regions = [
+        Event(str(e["name"]), float(e["ts"]), float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("cat") in HOST_EVENT_CATEGORIES
+        and str(e.get("name", "")).startswith(name_prefix)
+    ]
+    issued = []
+    for region in sorted(regions, key=lambda e: e.start_us):
+        launched = [
+            kernels[correlation]
+            for start, correlation in launches
+            if region.start_us <= start <= region.end_us and correlation in kernels
+        ]
+        issued.append(
+            IssuedWork(region.name, region.duration_us, len(launched), busy_time(launched))
+        )
+    return issued
+
+
 def time_split(kernels: list[Event]) -> dict[str, float]:
     """Microseconds per category over the window from the first kernel start to the last end."""
     if not kernels:
@@ -222,6 +272,23 @@ def summary_markdown(trace: dict, top: int = 15, min_python_us: float = 0.0) -> 
     return "\n".join(lines)
 
 
+def within_markdown(issued: list[IssuedWork]) -> str:
+    if not issued:
+        return "\nno host event of that name in the trace"
+    lines = [
+        "",
+        "| host event | host ms | kernels launched in it | their GPU ms (union) | GPU share |",
+        "|---|---|---|---|---|",
+    ]
+    for work in issued:
+        share = work.kernel_busy_us / work.host_us if work.host_us else 0.0
+        lines.append(
+            f"| `{shorten(work.name)}` | {work.host_us / 1e3:.1f} | {work.kernels} | "
+            f"{work.kernel_busy_us / 1e3:.1f} | {100 * share:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="torch-profiler Chrome trace (.json or .json.gz)")
@@ -233,8 +300,18 @@ def main() -> None:
         help="leave out Python-function events shorter than this (their time goes to the "
         "caller); 20 makes a stack trace of a few layers readable in under a minute",
     )
+    parser.add_argument(
+        "--within",
+        default="",
+        metavar="NAME",
+        help="also compare the host time of each event whose name starts with NAME with the GPU "
+        "time of the kernels it launched",
+    )
     args = parser.parse_args()
-    print(summary_markdown(load_trace(args.trace), args.top, args.min_python_us))
+    trace = load_trace(args.trace)
+    print(summary_markdown(trace, args.top, args.min_python_us))
+    if args.within:
+        print(within_markdown(work_issued_within(trace, args.within)))
 
 
 if __name__ == "__main__":
