@@ -6,7 +6,9 @@ newer; megatron's gradient hooks, gradient-norm and optimizer loops then walk ev
 parameters on the host each step. `--expert-gemm torch` replaces each of megatron's TE grouped
 expert layers by a `StackedExpertLinear`: the same weights stacked into one parameter, computed
 with `torch._grouped_mm`. Its state dict and distributed checkpoint still name each expert's
-weight `weight{e}`, as TE's layers do, so HF conversion and checkpoints see the same keys.
+weight `weight{e}`, as TE's layers do, so HF conversion and checkpoints see the same keys. TE's
+layers also ask for per-expert `_extra_state` entries (FP8 scaling state), which these layers
+ignore when loading and do not save: their checkpoints resume with `--expert-gemm torch`.
 """
 
 from __future__ import annotations
