@@ -13,6 +13,8 @@ ignore when loading and do not save: their checkpoints resume with `--expert-gem
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -81,7 +83,7 @@ class StackedExpertLinear(torch.nn.Module):
         weight: Tensor,
         *,
         tp_axis: int,
-        pg_collection,
+        pg_collection: Any,
         fuse_wgrad_accumulation: bool,
         parameter_attributes: dict | None = None,
     ) -> None:
@@ -116,7 +118,7 @@ class StackedExpertLinear(torch.nn.Module):
             parameter_attributes=attributes,
         )
 
-    def forward(self, x: Tensor, m_splits) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, m_splits: list[int]) -> tuple[Tensor, None]:
         counts = torch.as_tensor(m_splits, dtype=torch.int64)
         offsets = counts.cumsum(0).to(device=x.device, dtype=torch.int32, non_blocking=True)
         return GroupedGemm.apply(x, offsets, self.weight, self.fuse_wgrad_accumulation), None
@@ -151,7 +153,9 @@ class StackedExpertLinear(torch.nn.Module):
             known = {f"{prefix}weight{i}" for i in range(self.num_gemms)}
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
         """One sharded tensor per expert, keyed by its global index as TE's grouped layers key
         theirs (`megatron`'s TEGroupedMLP then maps them to the experts' checkpoint names)."""
         from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
