@@ -259,6 +259,11 @@ def megatron_forward(model, batch: dict[str, Any], with_labels: bool = False):
     return run_model(model, to_device(batch, torch.device("cuda")), with_labels)
 
 
+# One bf16 rounding (8 significant bits), relative: the limit when two bf16 paths compute the
+# same quantity with different kernels (tests/test_wgrad_fusion.py and
+# tests/test_grouped_gemm_experts_vs_te.py).
+BF16_ROUNDING = 2.0**-8
+
 # Two multimodal micro-batches (seed, text segment lengths, image sizes) whose gradients
 # accumulate: the weight-gradient comparisons of tests/test_wgrad_fusion.py and
 # tests/test_grouped_gemm_experts_vs_te.py.

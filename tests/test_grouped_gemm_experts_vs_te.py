@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
+    BF16_ROUNDING,
     TWO_MICRO_BATCHES,
     Check,
     fuse_wgrad_accumulation,
@@ -36,8 +37,6 @@ from tests.gpu_harness import (
     tiny_config,
     worst_relative_difference,
 )
-
-BF16_ROUNDING = 2.0**-8
 
 
 def with_torch_grouped_experts(model) -> int:

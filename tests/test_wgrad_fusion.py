@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.gpu_harness import (
+    BF16_ROUNDING,
     TWO_MICRO_BATCHES,
     Check,
     fuse_wgrad_accumulation,
@@ -34,8 +35,6 @@ from tests.gpu_harness import (
     tiny_config,
     worst_relative_difference,
 )
-
-BF16_ROUNDING = 2.0**-8
 
 
 def compare(moe: bool) -> list[Check]:
