@@ -42,3 +42,13 @@ def test_single_pass_equals_megatron_thd_path(lengths, heads, head_dim, rotary_d
         query.unsqueeze(1), angles, config=CONFIG, cp_group=OneRankGroup()
     ).squeeze(1)
     assert torch.equal(single_pass, megatron)
+
+
+def test_rotations_equal_hf_on_cpu():
+    """The language rotation and the vision tower's fp32 one (megatron's chain where TE's fused
+    kernel is absent) are HF's, bit for bit; tests/test_rotary_vs_hf.py checks the GPU path."""
+    from tests.test_rotary_vs_hf import rotation_checks
+
+    checks = list(rotation_checks("cpu"))
+    assert len(checks) == 4
+    assert all(check.measured == 0 for check in checks), checks

@@ -20,6 +20,7 @@ from megatron.core.extensions.transformer_engine import (
     TERowParallelLinear,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
@@ -43,6 +44,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 
 class UncenteredTENorm:
@@ -98,14 +100,45 @@ class PackedRotarySelfAttention(SelfAttention):
                 f"packed attention expects one rotary angle row per token: {query.shape[0]} "
                 f"tokens, {query_angles.shape[0]} angle rows"
             )
-        rotate = partial(
-            apply_rotary_pos_emb,
+        query, key = self.rotate(query, query_angles), self.rotate(key, key_angles)
+        return (query, key, *rest)
+
+    def rotate(self, tensor: Tensor, angles: Tensor) -> Tensor:
+        """[T, 1, heads, dim] rotated by its [T, 1, 1, rotary dim] angles, one row per token, by
+        megatron's unfused rotation: cos and sin rounded to the activations' dtype and each
+        product rounded, as HF's language attention does."""
+        return apply_rotary_pos_emb(
+            tensor,
+            angles,
             config=self.config,
             mscale=self._yarn_concentration_factor,
             cp_group=self.pg_collection.cp,
         )
-        query, key = rotate(query, query_angles), rotate(key, key_angles)
-        return (query, key, *rest)
+
+
+class VisionRotarySelfAttention(PackedRotarySelfAttention):
+    """The vision tower's attention: rotates in fp32 and rounds once, as HF's vision attention."""
+
+    def rotate(self, tensor: Tensor, angles: Tensor) -> Tensor:
+        return rotate_in_fp32(tensor, angles, self.config, self.pg_collection.cp)
+
+
+def rotate_in_fp32(
+    tensor: Tensor, angles: Tensor, config: TransformerConfig, cp_group: ProcessGroup
+) -> Tensor:
+    """[T, 1, heads, dim] rotated by per-token [T, 1, 1, rotary dim] angles with fp32 cos, sin
+    and products, rounded once to the tensor's dtype (HF's `apply_rotary_pos_emb_vision`).
+
+    On a GPU with Transformer Engine this is TE's fused RoPE kernel (its sbhd layout with batch 1
+    gives each token its own angles): one kernel forward and one backward in place of megatron's
+    chain of slices, cos, sin, casts and products, which the 27 host-bound vision blocks
+    launch for query and key alike. Elsewhere megatron's rotation of the fp32 tensor."""
+    fused = rope_utils.fused_apply_rotary_pos_emb
+    if fused is not None and tensor.is_cuda:
+        return fused(tensor, angles, interleaved=config.rotary_interleaved)
+    return apply_rotary_pos_emb(tensor.float(), angles, config=config, cp_group=cp_group).to(
+        tensor.dtype
+    )
 
 
 class PackedGatedDeltaNet(GatedDeltaNet):
@@ -229,5 +262,5 @@ def vision_layer_spec() -> ModuleSpec:
     """Pre-norm ViT layer (LayerNorm fused into qkv / fc1, bidirectional attention) whose
     attention rotates each patch by its own angles in one pass."""
     spec = get_vit_layer_with_transformer_engine_spec()
-    spec.submodules.self_attention.module = PackedRotarySelfAttention
+    spec.submodules.self_attention.module = VisionRotarySelfAttention
     return spec

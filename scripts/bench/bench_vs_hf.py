@@ -165,7 +165,7 @@ def megatron_side(
     apply_patches()
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
     model_parallel_cuda_manual_seed(1234)
-    base = TransformerConfig(
+    settings = dict(
         num_layers=2,
         hidden_size=config.text.hidden_size,
         num_attention_heads=config.text.num_attention_heads,
@@ -181,8 +181,8 @@ def megatron_side(
         moe_router_fusion=True,
         moe_permute_fusion=True,
         moe_router_dtype="fp32",
-        **config_overrides.get("model", {}),
     )
+    base = TransformerConfig(**{**settings, **config_overrides.get("model", {})})
     model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
     if wgrad_fusion:
         ddp = argparse.Namespace(
@@ -200,15 +200,11 @@ def megatron_side(
         grad_reduce_in_fp32=True, overlap_grad_reduce=True, use_distributed_optimizer=True
     )
     model = DistributedDataParallel(language, ddp_config, model)
+    optimizer_settings = dict(
+        optimizer="adam", lr=1e-5, bf16=True, use_distributed_optimizer=True, clip_grad=1.0
+    )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=1e-5,
-            bf16=True,
-            use_distributed_optimizer=True,
-            clip_grad=1.0,
-            **config_overrides.get("optimizer", {}),
-        ),
+        OptimizerConfig(**{**optimizer_settings, **config_overrides.get("optimizer", {})}),
         [model],
     )
     language.finalize_model_grads_func = finalize_model_grads
