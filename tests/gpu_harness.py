@@ -458,6 +458,24 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
+TOP1_AGREEMENT = 0.995  # the bf16 goal against fp32 HF
+
+
+def top1_agreement(logits: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """Fraction of tokens whose argmax equals the reference's."""
+    agree = sum(
+        int((value.argmax(-1) == reference.argmax(-1)).sum())
+        for value, reference in zip(logits, references, strict=True)
+    )
+    return agree / sum(reference.shape[0] for reference in references)
+
+
+def top1_agreement_limit(hf_bf16_agreement: float) -> float:
+    """The goal, or HF's own bf16 model's disagreement with fp32 HF doubled where that is larger:
+    bf16 rounding alone flips near-tied argmaxes, and random weights give many near ties."""
+    return 1 - max(1 - TOP1_AGREEMENT, 2 * (1 - hf_bf16_agreement))
+
+
 @dataclasses.dataclass
 class Check:
     name: str

@@ -19,11 +19,15 @@ so the fla logits row also allows 2 x the difference between our fp32 model with
 torch Gated DeltaNet rule (the kernel's own floor).
 Goals: patch merger 3e-5 max abs, vision tower and logits 1e-4 relative, gradient-norm groups 1e-4.
 bf16 runs are compared with the fp32 reference by top-1 agreement (goal >= 99.5%) and relative
-error (bf16 keeps 8 mantissa bits: 3e-2 after a few layers).
+error (bf16 keeps 8 mantissa bits: 3e-2 after a few layers). bf16 rounding alone flips near-tied
+argmaxes, many on random weights: HF's own bf16 copy is measured against fp32 HF alongside, and
+the agreement limit is the goal or twice HF's own disagreement, whichever allows more (as in
+tests/test_qwen3_vl_parity.py).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Iterator
@@ -53,6 +57,8 @@ from tests.gpu_harness import (
     run_with_torchrun,
     set_model_parallel,
     tiny_config,
+    top1_agreement,
+    top1_agreement_limit,
     torch_tf32,
 )
 
@@ -126,6 +132,13 @@ def logits_checks(config, hf, tag: str) -> Iterator[Check]:
                 for s, reference in zip(samples, references, strict=True)
             ]
     floor = max(floors)
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    with torch.no_grad():
+        hf_bf16_logits = [
+            hf_bf16(**hf_inputs(s, config, torch.bfloat16)).logits[0].float() for s in samples
+        ]
+    del hf_bf16
+    hf_bf16_agreement = top1_agreement(hf_bf16_logits, references)
     torch_rule_logits: list[torch.Tensor] = []  # filled by the first pass
     for label, dtype, deterministic in (
         ("fp32 torch GDN", torch.float32, True),
@@ -134,15 +147,13 @@ def logits_checks(config, hf, tag: str) -> Iterator[Check]:
     ):
         model = build_megatron(config, dtype, deterministic_mode=deterministic)
         load_hf_weights(model, hf, config)
-        errors, agree, total, pass_logits = [], 0, 0, []
+        errors, pass_logits = [], []
         for sample, reference in zip(samples, references, strict=True):
             length = sample["input_ids"].numel()
             batch = collate([sample], config, "bshd", seq_length=length)
             # With autograd on: TE offers no fp32 attention backend for inference-mode calls.
             logits = megatron_forward(model, batch)[0, :length].detach().float()
             errors.append(relative_error(logits, reference))
-            agree += int((logits.argmax(-1) == reference.argmax(-1)).sum())
-            total += length
             pass_logits.append(logits)
         if deterministic:
             torch_rule_logits = pass_logits
@@ -166,8 +177,14 @@ def logits_checks(config, hf, tag: str) -> Iterator[Check]:
             detail = f"TF32 floor {floor:.2e}, fla kernel vs torch rule {kernel_floor:.2e}"
         yield Check(f"{tag} logits {label} rel", max(errors), limit, detail + ", BSHD")
         if dtype == torch.bfloat16:
+            limit_agreement = top1_agreement_limit(hf_bf16_agreement)
             yield Check(
-                f"{tag} top-1 agreement bf16", agree / total, 0.995, f"{total} tokens", True
+                f"{tag} top-1 agreement bf16",
+                top1_agreement(pass_logits, references),
+                limit_agreement,
+                f"limit {limit_agreement:.4f}, {sum(r.shape[0] for r in references)} tokens; "
+                f"HF bf16 {hf_bf16_agreement:.4f}",
+                True,
             )
         if dtype == torch.bfloat16:
             # THD (TE has no fp32 kernel for packed causal attention): both samples packed in

@@ -77,6 +77,8 @@ from tests.gpu_harness import (
     run_section,
     run_with_torchrun,
     set_model_parallel,
+    top1_agreement,
+    top1_agreement_limit,
     torch_tf32,
 )
 
@@ -92,7 +94,6 @@ VISION_SAMPLE = (13, (3, 3, 3, 3), ((64, 96), (160, 64), (256, 320)))
 
 GOAL = 1e-4  # fp32 vision outputs, logits and gradient-norm groups, relative
 BF16_LOGITS_LIMIT = 3e-2
-TOP1_AGREEMENT = 0.995
 # Dropping DeepStack must move HF's logits by this many times the fp32 logits limit.
 DEEPSTACK_EFFECT_FACTOR = 10.0
 
@@ -324,15 +325,6 @@ def logits_fp32_checks(config: Qwen3VLConfig, hf: torch.nn.Module, tag: str) -> 
     )
 
 
-def top1_agreement(logits: list[torch.Tensor], references: list[torch.Tensor]) -> float:
-    """Fraction of tokens whose argmax equals the reference's."""
-    agree = sum(
-        int((value.argmax(-1) == reference.argmax(-1)).sum())
-        for value, reference in zip(logits, references, strict=True)
-    )
-    return agree / sum(reference.shape[0] for reference in references)
-
-
 def logits_bf16_checks(config: Qwen3VLConfig, hf: torch.nn.Module, tag: str) -> Iterator[Check]:
     """The bf16 model against fp32 HF: relative error and top-1 agreement, BSHD and THD, with
     HF's own bf16 model as the floor."""
@@ -348,7 +340,7 @@ def logits_bf16_checks(config: Qwen3VLConfig, hf: torch.nn.Module, tag: str) -> 
     )
     floor_agreement = top1_agreement(hf_bf16_logits, references)
     error_limit = max(BF16_LOGITS_LIMIT, 2 * floor)
-    agreement_limit = 1 - max(1 - TOP1_AGREEMENT, 2 * (1 - floor_agreement))
+    agreement_limit = top1_agreement_limit(floor_agreement)
     total = sum(reference.shape[0] for reference in references)
     model = build_ours(config, torch.bfloat16)
     load_reference_weights(model, hf, config)
