@@ -89,11 +89,12 @@ def add_multimodal_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     group.add_argument(
         "--expert-gemm",
-        choices=("te", "torch"),
-        default="te",
+        choices=("auto", "te", "torch"),
+        default="auto",
         help="routed experts' GEMMs: TE's grouped linear layers (te), or one torch grouped GEMM "
         "over all experts (torch; grouped_gemm_experts.py), for Hopper with cuBLASLt < 13.4 "
-        "where TE issues one GEMM per expert",
+        "where TE issues one GEMM per expert; auto: torch for a MoE model where it serves the "
+        "run (no megatron-fsdp, FP8, delayed weight gradients or expert TP), te otherwise",
     )
     group.add_argument(
         "--mask-im-end",
@@ -407,6 +408,8 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
     config = model_config_from_args(args)
     check_architecture_flags(args, config)
     check_layout(args, config)
+    if args.expert_gemm == "auto":
+        args.expert_gemm = "te" if torch_expert_gemm_obstacle(args, config) else "torch"
     if args.expert_gemm == "torch":
         check_torch_expert_gemm(args, config)
     multiple = pad_multiple(args)
@@ -417,33 +420,40 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
         )
 
 
-def check_torch_expert_gemm(args: argparse.Namespace, config: Any) -> None:
-    """`--expert-gemm torch` switches the TE grouped expert layers of a MoE model to
-    grouped_gemm_experts.py; refuse the settings it does not serve, naming the change."""
-    chosen, fallback = setting("--expert-gemm", "torch"), setting("--expert-gemm", "te")
+def torch_expert_gemm_obstacle(args: argparse.Namespace, config: Any) -> str | None:
+    """Why grouped_gemm_experts.py cannot serve this run (a clause naming the setting), or None."""
     if not get_model_spec(args.model_name).shape(config).num_experts:
-        raise ValueError(
-            f"{chosen} replaces the routed experts' GEMMs of a MoE model, and {config.name} is "
-            f"dense; use {fallback}"
-        )
+        return f"a MoE model, and {config.name} is dense"
+    expert_tp = getattr(args, "expert_tensor_parallel_size", None) or getattr(
+        args, "tensor_model_parallel_size", 1
+    )
     for enabled, what in (
         (getattr(args, "use_megatron_fsdp", False), "megatron-fsdp (FSDP=1), which shards the "
          "expert weights the torch grouped GEMM reads whole"),
         (getattr(args, "fp8", None), "FP8 (--fp8-format): the torch grouped GEMM runs in bf16"),
         (getattr(args, "delay_wgrad_compute", False), "--delay-wgrad-compute: the torch grouped "
          "GEMM computes weight gradients in backward"),
+        (expert_tp > 1, f"expert tensor parallelism {expert_tp} (it follows TP unless set), "
+         "which splits each expert the torch grouped GEMM holds whole; add "
+         "--expert-tensor-parallel-size 1 (TP may stay)"),
     ):  # fmt: skip
         if enabled:
-            raise ValueError(f"{chosen} does not run with {what}; drop it or use {fallback}")
-    expert_tp = getattr(args, "expert_tensor_parallel_size", None) or getattr(
-        args, "tensor_model_parallel_size", 1
-    )
-    if expert_tp > 1:
+            return what
+    return None
+
+
+def check_torch_expert_gemm(args: argparse.Namespace, config: Any) -> None:
+    """`--expert-gemm torch` switches the TE grouped expert layers of a MoE model to
+    grouped_gemm_experts.py; refuse the settings it does not serve, naming the change."""
+    obstacle = torch_expert_gemm_obstacle(args, config)
+    if obstacle is None:
+        return
+    chosen, fallback = setting("--expert-gemm", "torch"), setting("--expert-gemm", "te")
+    if obstacle.startswith("a MoE model"):
         raise ValueError(
-            f"{chosen} holds whole experts, and expert tensor parallelism {expert_tp} (it follows "
-            "TP unless set) splits each one; add --expert-tensor-parallel-size 1 (TP may stay) "
-            f"or use {fallback}"
+            f"{chosen} replaces the routed experts' GEMMs of {obstacle}; use {fallback}"
         )
+    raise ValueError(f"{chosen} does not run with {obstacle}; drop it or use {fallback}")
 
 
 def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:

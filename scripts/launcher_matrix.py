@@ -106,6 +106,12 @@ def feature_runs() -> list[Run]:
         Run("proxy_mtp0", {**proxy, "MTP_NUM_LAYERS": "0"}, reference="proxy_1gpu"),
         Run("proxy_mtp2", {**proxy, "MTP_NUM_LAYERS": "2"}, reference="proxy_1gpu"),
         Run("moe_torch_experts", torch_experts, reference="moe_1gpu"),
+        # The MoE rows take the stacked experts by default (EXPERT_GEMM=auto); TE's layers here.
+        Run(
+            "moe_te_experts",
+            {"MODEL_VARIANT": "proxy-moe", "EXPERT_GEMM": "te"},
+            reference="moe_1gpu",
+        ),
         Run(
             "moe_ep2_torch_experts_packed",
             {**torch_experts, "EP": "2", "PACKED": "1"},

@@ -39,7 +39,7 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
 RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
 MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}; MASK_IM_END=${MASK_IM_END:-0}
-CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}; EXPERT_GEMM=${EXPERT_GEMM:-te}
+CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}; EXPERT_GEMM=${EXPERT_GEMM:-auto}
 PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-0}
 LAUNCHER=${LAUNCHER:-torchrun}
 DETERMINISTIC=${DETERMINISTIC:-0}
@@ -99,7 +99,7 @@ case "$CP_COMM_TYPE" in
   *) die "CP_COMM_TYPE=$CP_COMM_TYPE: use p2p, a2a, a2a+p2p or allgather" ;;
 esac
 case "$PROFILE" in 0|torch|nsys) ;; *) die "PROFILE=$PROFILE: use 0, torch or nsys" ;; esac
-case "$EXPERT_GEMM" in te|torch) ;; *) die "EXPERT_GEMM=$EXPERT_GEMM: use te (TE's grouped linear layers) or torch (one torch grouped GEMM over all experts)" ;; esac
+case "$EXPERT_GEMM" in auto|te|torch) ;; *) die "EXPERT_GEMM=$EXPERT_GEMM: use auto (torch where it serves the run, te otherwise), te (TE's grouped linear layers) or torch (one torch grouped GEMM over all experts)" ;; esac
 if [ "$EXPERT_GEMM" = torch ] && [ "$FSDP" = 1 ]; then
   die "EXPERT_GEMM=torch with FSDP=1: megatron-fsdp shards the expert weights, which the torch grouped GEMM reads whole; use FSDP=0 or EXPERT_GEMM=te"
 fi

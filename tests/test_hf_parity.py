@@ -21,8 +21,8 @@ Goals: patch merger 3e-5 max abs, vision tower and logits 1e-4 relative, gradien
 bf16 runs are compared with the fp32 reference by top-1 agreement (goal >= 99.5%) and relative
 error (bf16 keeps 8 mantissa bits: 3e-2 after a few layers). bf16 rounding alone flips near-tied
 argmaxes, many on random weights: HF's own bf16 copy is measured against fp32 HF alongside, and
-the agreement limit is the goal or twice HF's own disagreement, whichever allows more (as in
-tests/test_qwen3_vl_parity.py).
+the tokens whose argmax flips may number 0.5% of the tokens or twice HF's own flips, whichever
+is more (as in tests/test_qwen3_vl_parity.py).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ from tests.gpu_harness import (
     run_with_torchrun,
     set_model_parallel,
     tiny_config,
-    top1_agreement,
-    top1_agreement_limit,
+    top1_flip_limit,
+    top1_flips,
     torch_tf32,
 )
 
@@ -138,7 +138,8 @@ def logits_checks(config, hf, tag: str) -> Iterator[Check]:
             hf_bf16(**hf_inputs(s, config, torch.bfloat16)).logits[0].float() for s in samples
         ]
     del hf_bf16
-    hf_bf16_agreement = top1_agreement(hf_bf16_logits, references)
+    hf_bf16_flips = top1_flips(hf_bf16_logits, references)
+    tokens = sum(reference.shape[0] for reference in references)
     torch_rule_logits: list[torch.Tensor] = []  # filled by the first pass
     for label, dtype, deterministic in (
         ("fp32 torch GDN", torch.float32, True),
@@ -177,14 +178,11 @@ def logits_checks(config, hf, tag: str) -> Iterator[Check]:
             detail = f"TF32 floor {floor:.2e}, fla kernel vs torch rule {kernel_floor:.2e}"
         yield Check(f"{tag} logits {label} rel", max(errors), limit, detail + ", BSHD")
         if dtype == torch.bfloat16:
-            limit_agreement = top1_agreement_limit(hf_bf16_agreement)
             yield Check(
-                f"{tag} top-1 agreement bf16",
-                top1_agreement(pass_logits, references),
-                limit_agreement,
-                f"limit {limit_agreement:.4f}, {sum(r.shape[0] for r in references)} tokens; "
-                f"HF bf16 {hf_bf16_agreement:.4f}",
-                True,
+                f"{tag} top-1 flips bf16",
+                top1_flips(pass_logits, references),
+                top1_flip_limit(hf_bf16_flips, tokens),
+                f"of {tokens} tokens; HF bf16 {hf_bf16_flips}",
             )
         if dtype == torch.bfloat16:
             # THD (TE has no fp32 kernel for packed causal attention): both samples packed in

@@ -148,8 +148,13 @@ def test_moe_expert_parallel(tmp_path):
     out = assert_ok(dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EP="2", GPUS_PER_NODE="2"))
     assert "world 2 = TP 1 x CP 1 x PP 1 x DP 2; EP 2" in out
     assert "MoE 16 experts top-4" in out
-    assert "routed experts' GEMMs: TE grouped linear layers" in out
-    assert "--expert-gemm te" in out
+    # EXPERT_GEMM=auto: the stacked experts serve this run, and not megatron-fsdp's.
+    assert "--expert-gemm auto" in out
+    assert "routed experts' GEMMs: one torch grouped GEMM over all experts" in out
+    sharded = assert_ok(
+        dry_run(tmp_path, MODEL_VARIANT="proxy-moe", EP="2", GPUS_PER_NODE="2", FSDP="1")
+    )
+    assert "routed experts' GEMMs: TE grouped linear layers" in sharded
 
 
 def test_torch_expert_gemm_reaches_megatron_and_the_plan(tmp_path):
@@ -421,6 +426,25 @@ def test_torch_expert_gemm_refuses_what_it_does_not_serve(variant, flags, needle
         validate_multimodal_args(args)
     assert "EXPERT_GEMM=torch (--expert-gemm)" in str(error.value)
     assert needle in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("variant", "flags", "expected"),
+    [
+        ("proxy-moe", {"expert_tensor_parallel_size": 1}, "torch"),
+        ("proxy-moe", {"expert_tensor_parallel_size": 1, "use_megatron_fsdp": True}, "te"),
+        ("proxy-moe", {"expert_tensor_parallel_size": 1, "fp8": "hybrid"}, "te"),
+        ("proxy-moe", {}, "te"),  # expert TP follows TP=2
+        ("proxy", {"expert_tensor_parallel_size": 1}, "te"),
+    ],
+    ids=["moe", "megatron-fsdp", "fp8", "expert-tp", "dense"],
+)
+def test_auto_expert_gemm_takes_torch_where_it_serves(variant, flags, expected):
+    args = megatron_like_args(
+        variant, expert_gemm="auto", seq_length=1000, total_seq_length=1000, **flags
+    )
+    validate_multimodal_args(args)
+    assert args.expert_gemm == expected
 
 
 def test_torch_expert_gemm_on_a_moe_model_passes():
