@@ -409,7 +409,8 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
     check_architecture_flags(args, config)
     check_layout(args, config)
     if args.expert_gemm == "auto":
-        args.expert_gemm = "te" if torch_expert_gemm_obstacle(args, config) else "torch"
+        moe = get_model_spec(args.model_name).shape(config).num_experts
+        args.expert_gemm = "torch" if moe and not torch_expert_gemm_obstacle(args) else "te"
     if args.expert_gemm == "torch":
         check_torch_expert_gemm(args, config)
     multiple = pad_multiple(args)
@@ -420,10 +421,9 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
         )
 
 
-def torch_expert_gemm_obstacle(args: argparse.Namespace, config: Any) -> str | None:
-    """Why grouped_gemm_experts.py cannot serve this run (a clause naming the setting), or None."""
-    if not get_model_spec(args.model_name).shape(config).num_experts:
-        return f"a MoE model, and {config.name} is dense"
+def torch_expert_gemm_obstacle(args: argparse.Namespace) -> str | None:
+    """The setting that rules out grouped_gemm_experts.py for a MoE run (a clause naming it and
+    why), or None."""
     expert_tp = getattr(args, "expert_tensor_parallel_size", None) or getattr(
         args, "tensor_model_parallel_size", 1
     )
@@ -445,15 +445,15 @@ def torch_expert_gemm_obstacle(args: argparse.Namespace, config: Any) -> str | N
 def check_torch_expert_gemm(args: argparse.Namespace, config: Any) -> None:
     """`--expert-gemm torch` switches the TE grouped expert layers of a MoE model to
     grouped_gemm_experts.py; refuse the settings it does not serve, naming the change."""
-    obstacle = torch_expert_gemm_obstacle(args, config)
-    if obstacle is None:
-        return
     chosen, fallback = setting("--expert-gemm", "torch"), setting("--expert-gemm", "te")
-    if obstacle.startswith("a MoE model"):
+    if not get_model_spec(args.model_name).shape(config).num_experts:
         raise ValueError(
-            f"{chosen} replaces the routed experts' GEMMs of {obstacle}; use {fallback}"
+            f"{chosen} replaces the routed experts' GEMMs of a MoE model, and {config.name} is "
+            f"dense; use {fallback}"
         )
-    raise ValueError(f"{chosen} does not run with {obstacle}; drop it or use {fallback}")
+    obstacle = torch_expert_gemm_obstacle(args)
+    if obstacle:
+        raise ValueError(f"{chosen} does not run with {obstacle}; drop it or use {fallback}")
 
 
 def check_architecture_flags(args: argparse.Namespace, config: Any) -> None:
