@@ -52,3 +52,16 @@ def test_rotations_equal_hf_on_cpu():
     checks = list(rotation_checks("cpu"))
     assert len(checks) == 4
     assert all(check.measured == 0 for check in checks), checks
+
+
+def test_vision_layers_rotate_in_fp32():
+    """The vision tower's layers keep HF's fp32 rotation (TE's fused kernel on a GPU), the
+    language attention megatron's bf16 one."""
+    from models.qwen35_vl.specs import (
+        PackedRotarySelfAttention,
+        VisionRotarySelfAttention,
+        vision_layer_spec,
+    )
+
+    assert vision_layer_spec().submodules.self_attention.module is VisionRotarySelfAttention
+    assert VisionRotarySelfAttention.rotate is not PackedRotarySelfAttention.rotate
