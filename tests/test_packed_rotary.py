@@ -5,8 +5,6 @@ context parallelism: language MRoPE angles restarting per sequence and the visio
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import (
@@ -14,17 +12,7 @@ from megatron.core.models.common.embeddings.rope_utils import (
     apply_rotary_pos_emb,
 )
 
-CONFIG = SimpleNamespace(
-    apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False
-)
-
-
-class OneRankGroup:
-    def size(self) -> int:
-        return 1
-
-    def rank(self) -> int:
-        return 0
+from tests.test_rotary_vs_hf import CONFIG, ONE_RANK, rotation_checks
 
 
 @pytest.mark.parametrize(
@@ -37,9 +25,9 @@ def test_single_pass_equals_megatron_thd_path(lengths, heads, head_dim, rotary_d
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     query = torch.randn(tokens, heads, head_dim, generator=generator, dtype=torch.bfloat16)
     angles = torch.randn(tokens, 1, 1, rotary_dim, generator=generator) * 10
-    megatron = _apply_rotary_pos_emb_thd(query, cu_seqlens, angles, cp_group=OneRankGroup())
+    megatron = _apply_rotary_pos_emb_thd(query, cu_seqlens, angles, cp_group=ONE_RANK)
     single_pass = apply_rotary_pos_emb(
-        query.unsqueeze(1), angles, config=CONFIG, cp_group=OneRankGroup()
+        query.unsqueeze(1), angles, config=CONFIG, cp_group=ONE_RANK
     ).squeeze(1)
     assert torch.equal(single_pass, megatron)
 
@@ -47,8 +35,6 @@ def test_single_pass_equals_megatron_thd_path(lengths, heads, head_dim, rotary_d
 def test_rotations_equal_hf_on_cpu():
     """The language rotation and the vision tower's fp32 one (megatron's chain where TE's fused
     kernel is absent) are HF's, bit for bit; tests/test_rotary_vs_hf.py checks the GPU path."""
-    from tests.test_rotary_vs_hf import rotation_checks
-
     checks = list(rotation_checks("cpu"))
     assert len(checks) == 4
     assert all(check.measured == 0 for check in checks), checks
