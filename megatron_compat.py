@@ -95,6 +95,59 @@ def skip_main_weight_refresh_under_megatron_fsdp() -> None:
     DistributedOptimizer._copy_model_params_to_main_params = refresh_unless_megatron_fsdp
 
 
+TE_CROSS_ENTROPY_REFUSAL = "Transformer Engine cross entropy loss fusion"
+FIXED_TE_CROSS_ENTROPY = (2, 20)
+
+
+def accept_te_cross_entropy() -> None:
+    """Let `--cross-entropy-fusion-impl te` through megatron-core 0.19's argument validation, which
+    refuses it "due to stability issues" (Megatron-LM pull request 5115), and silence the matching
+    warning of its config. The issues were Transformer Engine's: its kernel kept fp32 gradients in
+    the bf16 logits buffer (TransformerEngine pull request 3193) and the fix then held a whole
+    gradient from the forward on (pull request 3273). TE 2.20's kernel keeps per-token softmax
+    statistics and forms the gradient in fp32 during backward; tests/test_te_cross_entropy.py
+    compares it with megatron's native fused cross entropy. Validation runs with `native` in its
+    place and gets `te` back afterwards; a Transformer Engine older than 2.20 is refused."""
+    from megatron.training import arguments
+
+    validate = arguments.validate_args
+    if getattr(validate, "accepts_te_cross_entropy", False):
+        return
+
+    def validate_accepting_te_cross_entropy(args, defaults={}):  # noqa: B006 (megatron's default)
+        te = args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te"
+        if te:
+            require_fixed_te_cross_entropy()
+            args.cross_entropy_fusion_impl = "native"
+        try:
+            return validate(args, defaults)
+        finally:
+            if te:
+                args.cross_entropy_fusion_impl = "te"
+
+    validate_accepting_te_cross_entropy.accepts_te_cross_entropy = True
+    arguments.validate_args = validate_accepting_te_cross_entropy
+    warnings.filterwarnings("ignore", message=TE_CROSS_ENTROPY_REFUSAL, category=UserWarning)
+
+
+def require_fixed_te_cross_entropy() -> None:
+    """Raise if the installed Transformer Engine predates the fixed cross entropy; without TE
+    (a CPU dry run) there is nothing to check."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        installed = version("transformer_engine")
+    except PackageNotFoundError:
+        return
+    release = tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+    if release < FIXED_TE_CROSS_ENTROPY:
+        raise ValueError(
+            f"--cross-entropy-fusion-impl te needs Transformer Engine 2.20 or newer (installed "
+            f"{installed}, whose fused cross entropy has known gradient precision issues); "
+            "use --cross-entropy-fusion-impl native"
+        )
+
+
 def put_make_shim_on_path() -> None:
     """Put scripts/megatron_make_shim first on PATH: megatron's training start runs `make` on its
     dataset helpers unconditionally, and the wheel ships them prebuilt without their Makefile (see
@@ -172,6 +225,12 @@ PATCHES: tuple[Patch, ...] = (
         written_for=WRITTEN_FOR,
         upstream="Megatron-LM pull request 4748 (DistributedOptimizer under Megatron-FSDP)",
         apply=skip_main_weight_refresh_under_megatron_fsdp,
+    ),
+    Patch(
+        name="Transformer Engine's fused cross entropy accepted",
+        written_for=WRITTEN_FOR,
+        upstream="Megatron-LM pull request 7339 (enable Transformer Engine fused cross entropy)",
+        apply=accept_te_cross_entropy,
     ),
     Patch(
         name="make shim for the prebuilt dataset helpers",

@@ -213,6 +213,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         stack.enter_context(planning_device(early.dry_run))
         from megatron.training.arguments import parse_and_validate_args
 
+        from megatron_compat import apply_patches
+
+        apply_patches()  # before validation: one patch concerns what it accepts
+
         check_early(early)
         sys.argv = [sys.argv[0], *architecture_argv(early), *user_argv]
         args = parse_and_validate_args(extra_args_provider=add_multimodal_args)
@@ -271,9 +275,7 @@ def main() -> None:
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
     from forward_step import forward_step
-    from megatron_compat import apply_patches
 
-    apply_patches()
     datasets_provider.is_distributed = True
     pretrain(
         pretrain_cfg_container_from_args(args),

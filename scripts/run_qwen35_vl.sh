@@ -187,7 +187,9 @@ if [ "$DETERMINISTIC" = 1 ]; then
   # cuBLAS deterministic algorithms); it rejects the fused cross entropy. BSHD only.
   ARGS+=(--deterministic-mode)
 else
-  ARGS+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl native)
+  # TE's fused kernel (megatron_compat.accept_te_cross_entropy): one pass over the bf16 logits
+  # instead of megatron's fp32 copies of them.
+  ARGS+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl te)
 fi
 [ "$TP" -gt 1 ] && ARGS+=(--sequence-parallel)
 [ "$PACKED" = 1 ] && ARGS+=(--packed-sequence)

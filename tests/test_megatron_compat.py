@@ -181,3 +181,46 @@ def test_torch_expert_gemm_refuses_a_model_without_te_experts(monkeypatch):
     built = torch.nn.Sequential(LayerWithFusionSetting())
     with pytest.raises(ValueError, match="found no TE grouped expert layers"):
         provide_model(monkeypatch, built, expert_gemm="torch")
+
+
+@pytest.fixture
+def te_cross_entropy_accepted(monkeypatch):
+    """megatron's validation replaced by one that refuses TE's cross entropy as 0.19.2's does,
+    then the patch applied over it (monkeypatch restores megatron's function)."""
+    from megatron.training import arguments
+
+    seen = []
+
+    def refusing_validate(args, defaults={}):  # noqa: B006
+        assert not (args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te")
+        seen.append(args.cross_entropy_fusion_impl)
+        return args
+
+    monkeypatch.setattr(arguments, "validate_args", refusing_validate)
+    megatron_compat.accept_te_cross_entropy()
+    return arguments.validate_args, seen
+
+
+def test_te_cross_entropy_passes_validation_and_stays_te(te_cross_entropy_accepted, monkeypatch):
+    validate, seen = te_cross_entropy_accepted
+    monkeypatch.setattr(megatron_compat, "require_fixed_te_cross_entropy", lambda: None)
+    args = argparse.Namespace(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="te")
+    validate(args)
+    assert seen == ["native"] and args.cross_entropy_fusion_impl == "te"
+    native = argparse.Namespace(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
+    validate(native)
+    assert seen[-1] == "native" and native.cross_entropy_fusion_impl == "native"
+    from megatron.training import arguments
+
+    megatron_compat.accept_te_cross_entropy()  # idempotent: not wrapped twice
+    assert arguments.validate_args is validate
+
+
+def test_te_cross_entropy_refused_with_an_older_transformer_engine(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.19.1")
+    with pytest.raises(ValueError, match=r"Transformer Engine 2\.20 or newer \(installed 2\.19\.1"):
+        megatron_compat.require_fixed_te_cross_entropy()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.20.2")
+    megatron_compat.require_fixed_te_cross_entropy()

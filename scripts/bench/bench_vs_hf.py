@@ -5,26 +5,31 @@ samples with images, bf16. Reports tokens/s/GPU, model TFLOP/s/GPU and MFU for
 each side and the ratio, as one JSON line (plus a markdown row for docs/results.md); with
 --profile DIR also a torch-profiler trace of our steps and its time split (profile_summary.py).
 Under `torchrun --nproc-per-node N` ours runs with context parallelism N (HF, which has none,
-still gets one GPU for the whole row, and may run out of memory: that is reported as such).
+still gets one GPU for the whole row, and may run out of memory: that is reported as such), or
+with `--expert-parallel N` the MoE with expert parallelism N: every GPU trains on its own copy of
+the pack (data parallel for the dense weights, the experts split between the GPUs).
 
     python scripts/bench/bench_vs_hf.py --layers 8 --pack-tokens 8192 --iters 10 [--profile DIR]
     python scripts/bench/bench_vs_hf.py --layers 8 --layout row   # ours on HF's exact row
     python scripts/bench/bench_vs_hf.py --model moe --layers 4      # a 35B-A3B slice
     torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --layers 4 --pack-tokens 32768
-    python scripts/bench/bench_vs_hf.py --model moe --layers 4 --expert-gemm torch
+    python scripts/bench/bench_vs_hf.py --model moe --layers 4 --expert-gemm te
+    torchrun --nproc-per-node 2 scripts/bench/bench_vs_hf.py --model moe --layers 4 \
+        --expert-parallel 2
     python scripts/bench/bench_vs_hf.py --model moe --layers 4 --skip-hf --sync-sites \
         --config moe_router_dtype=fp32   # a megatron setting; where the host waits per step
     python scripts/bench/bench_vs_hf.py --layers 8 \
         --optimizer-config use_precision_aware_optimizer=True   # a megatron optimizer setting
 
-Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute),
-TE layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
+Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute), TE
+layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
 `--wgrad-fusion te` the TE GEMMs accumulate them in place), fla kernels, the launcher's MoE fusions
-(fused router and permutation, TE grouped expert GEMMs), packed THD (or, with --layout row, HF's
-single BSHD row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration`
-with its grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when
-installed); the pack is one 8192-token row there, as HF has no packed-sequence path for Qwen3.5.
-FLOPs come from models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
+(fused router and permutation, the stacked experts' grouped GEMM of EXPERT_GEMM=auto), packed THD
+(or, with --layout row, HF's single BSHD row). HF: `Qwen3_5ForConditionalGeneration`
+(`Qwen3_5MoeForConditionalGeneration` with its grouped_mm experts) in pure bf16 with fused AdamW
+and sdpa attention (fla kernels when installed); the pack is one 8192-token row there, as HF has no
+packed-sequence path for Qwen3.5. FLOPs come from models/qwen35_vl/flops.py (3 x forward; the MoE
+counts active experts only).
 """
 
 from __future__ import annotations
@@ -141,11 +146,12 @@ def megatron_side(
     wgrad_fusion: bool = True,
     config_overrides: dict[str, dict] | None = None,
     sync_sites: bool = False,
-    expert_gemm: str = "te",
+    expert_gemm: str = "torch",
     profile_python: bool = False,
+    ep: int = 1,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
-    partition) and the step is timed on every rank."""
+    partition), under EP each rank its own copy of it; the step is timed on every rank."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -163,7 +169,9 @@ def megatron_side(
 
     config_overrides = config_overrides or {}
     apply_patches()
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(
+        context_parallel_size=cp, expert_model_parallel_size=ep
+    )
     model_parallel_cuda_manual_seed(1234)
     settings = dict(
         num_layers=2,
@@ -174,9 +182,12 @@ def megatron_side(
         pipeline_dtype=torch.bfloat16,
         calculate_per_token_loss=True,
         cross_entropy_loss_fusion=True,
-        cross_entropy_fusion_impl="native",
+        cross_entropy_fusion_impl="te",
         bias_dropout_fusion=True,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        # megatron validates expert parallelism against the expert count in this base already.
+        num_moe_experts=config.text.num_experts if config.text.is_moe else None,
         # The launcher's MoE settings (run_qwen35_vl.sh); unused by a dense model.
         moe_router_fusion=True,
         moe_permute_fusion=True,
@@ -189,7 +200,7 @@ def megatron_side(
             gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
         )
         fuse_wgrad_accumulation_in_te_layers(model, ddp)
-    if expert_gemm == "torch":
+    if expert_gemm == "torch" and config.text.is_moe:
         from grouped_gemm_experts import use_torch_grouped_gemm
 
         use_torch_grouped_gemm(model)
@@ -350,10 +361,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--expert-gemm",
-        choices=("te", "torch"),
-        default="te",
-        help="routed experts through TE's grouped linear layers (as training does) or torch's "
-        "grouped GEMM (grouped_gemm_experts.py)",
+        choices=("torch", "te"),
+        default="torch",
+        help="routed experts as stacked weights through torch's grouped GEMM "
+        "(grouped_gemm_experts.py; training's EXPERT_GEMM=auto for this setup) or through TE's "
+        "grouped linear layers, one GEMM per expert (EXPERT_GEMM=te)",
+    )
+    parser.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --model moe under `torchrun --nproc-per-node N`: expert parallelism N instead "
+        "of context parallelism, each GPU training on its own copy of the pack",
     )
     parser.add_argument(
         "--config",
@@ -391,8 +411,15 @@ def main() -> None:
         ),
     }
 
-    # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N.
+    # One GPU by default; under `torchrun --nproc-per-node N` ours runs with CP = N, or EP = N.
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    ep = args.expert_parallel
+    if ep > 1 and (args.model != "moe" or world != ep):
+        parser.error(
+            f"--expert-parallel {ep} splits the experts of --model moe over the GPUs of "
+            f"`torchrun --nproc-per-node {ep}` (this run: --model {args.model}, {world} processes)"
+        )
+    cp = 1 if ep > 1 else world
     rank = int(os.environ.get("RANK", "0"))
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # Alone (no torchrun) the process group lives in memory: no port, so benchmarks can share
@@ -400,10 +427,10 @@ def main() -> None:
     store = torch.distributed.HashStore() if "MASTER_PORT" not in os.environ else None
     torch.distributed.init_process_group("nccl", rank=rank, world_size=world, store=store)
     config = bench_config(args.layers, args.model)
-    samples, batch = make_pack(config, args.pack_tokens, cp=world)
+    samples, batch = make_pack(config, args.pack_tokens, cp=cp)
     lengths = [s["input_ids"].numel() for s in samples]
     if args.layout == "row":
-        batch, lengths = make_row(config, samples, cp=world), [sum(lengths)]
+        batch, lengths = make_row(config, samples, cp=cp), [sum(lengths)]
     grids = [tuple(g) for s in samples for g in s["image_grid_thw"].tolist()]
     tokens = sum(lengths)
     device = torch.cuda.get_device_name()
@@ -419,12 +446,13 @@ def main() -> None:
         "tokens_per_step": tokens,
         "peak": peak,
         "megatron_gpus": world,
-        "megatron_cp": world,
+        "megatron_cp": cp,
+        "megatron_ep": ep,
         "megatron_layout": args.layout,
         "megatron_wgrad_fusion": args.wgrad_fusion,
         "megatron_config": {k: repr(v) for k, v in config_overrides["model"].items()},
         "megatron_optimizer_config": {k: repr(v) for k, v in config_overrides["optimizer"].items()},
-        "megatron_expert_gemm": args.expert_gemm,
+        "megatron_expert_gemm": args.expert_gemm if config.text.is_moe else None,
         "hf_activation_checkpointing": args.hf_activation_checkpointing,
         "cublaslt_version": cublaslt_version(),
         "nvte_environment": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")},
@@ -435,16 +463,18 @@ def main() -> None:
         batch,
         args.warmup,
         args.iters,
-        world,
+        cp,
         args.profile,
         args.wgrad_fusion == "te",
         config_overrides,
         args.sync_sites,
         args.expert_gemm,
         profile_python=args.profile_python,
+        ep=ep,
     )
-    # HF attends over the whole row; ours over each packed sample (`pack`) or the same row.
-    results["megatron"] = rates(measured, config, lengths, grids, tokens, world, peak)
+    # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
+    # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
+    results["megatron"] = rates(measured, config, lengths, grids, tokens, cp, peak)
     gc.collect()
     torch.cuda.empty_cache()
     if not args.skip_hf and rank == 0:
@@ -464,7 +494,7 @@ def main() -> None:
     if rank == 0:
         print(json.dumps(results), flush=True)
         for name, gpus, label in (
-            ("megatron", world, f"megatron, {args.layout}"),
+            ("megatron", world, f"megatron, {args.layout}" + (f", EP={ep}" if ep > 1 else "")),
             ("hf", 1, "hf, row"),
         ):
             r = results.get(name, {})
