@@ -137,6 +137,15 @@ def test_min_lr_follows_a_low_peak(tmp_path):
     assert "--lr 1e-5 --min-lr 1e-06" in out
 
 
+def test_te_cross_entropy_is_the_default_outside_deterministic_mode(tmp_path):
+    # TE's fused cross entropy: 5x faster and 15 GiB less than megatron's native one at 8k tokens
+    # (docs/results.md); megatron-core 0.19.2's validation accepts it through megatron_compat.
+    out = assert_ok(dry_run(tmp_path))
+    assert "--cross-entropy-loss-fusion --cross-entropy-fusion-impl te" in out
+    deterministic = assert_ok(dry_run(tmp_path, DETERMINISTIC="1"))
+    assert "--cross-entropy-loss-fusion" not in deterministic
+
+
 def test_tp_cp_packed(tmp_path):
     out = assert_ok(dry_run(tmp_path, TP="2", CP="2", GPUS_PER_NODE="4", PACKED="1"))
     assert "world 4 = TP 2 x CP 2 x PP 1 x DP 1" in out
