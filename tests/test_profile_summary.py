@@ -1,8 +1,8 @@
 """scripts/bench/profile_summary.py on a hand-made Chrome trace: kernel names go to the right
 category, overlapping kernels on two streams count once for idle, per-step figures divide by the
 ProfilerStep ranges, GPU idle time goes to the innermost host event under way, the kernels a
-host event launched are matched to it by correlation id, and a trace without kernels is an
-error."""
+host event launched are matched to it by correlation id (and each kernel to the innermost operator
+that launched it, on its own thread), and a trace without kernels is an error."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from scripts.bench.profile_summary import (
     classify,
     idle_by_host_event,
     kernels_of,
+    launching_operators,
     load_trace,
     summary_markdown,
     time_split,
@@ -186,3 +187,29 @@ def test_work_issued_within_a_host_event_is_matched_by_correlation():
     assert (work.host_us, work.kernels, work.kernel_busy_us) == (100, 2, 15)
     assert "| `vision.py(143): encode` | 0.1 | 2 | 0.0 | 15% |" in within_markdown([work])
     assert "no host event" in within_markdown(work_issued_within(trace, "decoder.py"))
+
+
+def test_each_kernel_is_charged_to_the_innermost_operator_that_launched_it():
+    # Thread 1: aten::add_ (0-40 us) nests aten::copy_ (10-20); thread 2 (autograd's) launches
+    # while only its own aten::mul is open, though thread 1's add_ spans that instant too.
+    trace = {
+        "traceEvents": [
+            host("aten::add_", 0, 40),
+            host("aten::copy_", 10, 10),
+            host("aten::mul", 25, 10, thread=2),
+            *launched("elementwise_kernel", 15, 50, 5, correlation=1),
+            *launched("elementwise_kernel", 30, 60, 5, correlation=2),
+            *launched("elementwise_kernel", 32, 70, 5, correlation=3),
+            *launched("vectorized_add", 45, 80, 5, correlation=4),
+        ]
+    }
+    for event in trace["traceEvents"]:
+        if event.get("args", {}).get("correlation") == 3 and event["cat"] == "cuda_runtime":
+            event["tid"] = 2
+    assert launching_operators(trace) == {
+        "elementwise_kernel": {"aten::copy_": 1, "aten::add_": 1, "aten::mul": 1},
+        "vectorized_add": {"(no operator)": 1},
+    }
+    assert "| `elementwise_kernel` | other kernels | 0.01 | 3 | `aten::copy_` (1 of 3) |" in (
+        summary_markdown(trace)
+    )

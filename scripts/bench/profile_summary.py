@@ -1,8 +1,8 @@
 """Where the GPU time of a profiled training step goes: reads a torch-profiler Chrome trace (from
 `bench_vs_hf.py --profile` or `PROFILE=torch ./scripts/run_qwen35_vl.sh`, `*.pt.trace.json`) and
-prints the top kernels and the split of the profiled window into GEMM, attention, Gated DeltaNet,
-MoE dispatch, communication, optimizer, other kernels and idle (no kernel running on any stream),
-and what the host was doing while the GPU was idle.
+prints the top kernels (with the operator that launched them) and the split of the profiled window
+into GEMM, attention, Gated DeltaNet, MoE dispatch, communication, optimizer, other kernels and
+idle (no kernel running on any stream), and what the host was doing while the GPU was idle.
 
     python scripts/bench/profile_summary.py TRACE.json [--top 15] [--min-python-us 20]
         [--within "models/qwen35_vl/vision.py(143): encode"]
@@ -207,6 +207,49 @@ def work_issued_within(trace: dict, name_prefix: str) -> list[IssuedWork]:
     return issued
 
 
+def launching_operators(trace: dict) -> dict[str, dict[str, int]]:
+    """For each kernel name: how many of its launches (CUDA runtime or driver call, matched by
+    correlation id) each operator made, the operator being the innermost `cpu_op` under way on
+    the launching thread (so a kernel named by its template alone gets its aten operator)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernel_names = {
+        e["args"]["correlation"]: str(e["name"])
+        for e in events
+        if e.get("cat") == "kernel" and "correlation" in e.get("args", {})
+    }
+    launches: dict[object, list[tuple[float, str]]] = defaultdict(list)
+    operators: dict[object, list[Event]] = defaultdict(list)
+    for e in events:
+        correlation = e.get("args", {}).get("correlation")
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and correlation in kernel_names:
+            launches[e.get("tid")].append((float(e["ts"]), kernel_names[correlation]))
+        elif e.get("cat") == "cpu_op":
+            operators[e.get("tid")].append(Event(str(e["name"]), float(e["ts"]), float(e["dur"])))
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for thread, thread_launches in launches.items():
+        # One sweep per thread, as in idle_by_host_event: what stays open is the nest of
+        # operators around the current launch.
+        ordered = sorted(operators[thread], key=lambda op: op.start_us)
+        open_operators: list[Event] = []
+        upcoming = 0
+        for launch_at, kernel in sorted(thread_launches):
+            while upcoming < len(ordered) and ordered[upcoming].start_us <= launch_at:
+                open_operators.append(ordered[upcoming])
+                upcoming += 1
+            open_operators = [op for op in open_operators if op.end_us >= launch_at]
+            innermost = min(open_operators, key=lambda op: op.duration_us, default=None)
+            counts[kernel][innermost.name if innermost else "(no operator)"] += 1
+    return {kernel: dict(by_operator) for kernel, by_operator in counts.items()}
+
+
+def main_operator(by_operator: dict[str, int] | None) -> str:
+    """'`aten::copy_` (12 of 12)': the operator behind most launches of a kernel."""
+    if not by_operator:
+        return "-"
+    name, launched = max(by_operator.items(), key=lambda item: item[1])
+    return f"`{shorten(name, 40)}` ({launched} of {sum(by_operator.values())})"
+
+
 def time_split(kernels: list[Event]) -> dict[str, float]:
     """Microseconds per category over the window from the first kernel start to the last end."""
     if not kernels:
@@ -254,11 +297,16 @@ def summary_markdown(trace: dict, top: int = 15, min_python_us: float = 0.0) -> 
         f"| {name} | {split[name] / 1e3 / steps:.2f} | {100 * split[name] / window:.1f}% |"
         for name in CATEGORIES
     ]
-    lines += ["", "| kernel | category | ms per step | calls per step |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| kernel | category | ms per step | calls per step | launched by (innermost operator) |",
+        "|---|---|---|---|---|",
+    ]
+    operators = launching_operators(trace)
     for name, total, calls in top_kernels(kernels, top):
         lines.append(
             f"| `{shorten(name)}` | {classify(name)} | {total / 1e3 / steps:.2f} | "
-            f"{calls / steps:g} |"
+            f"{calls / steps:g} | {main_operator(operators.get(name))} |"
         )
     charged = idle_by_host_event(trace, min_python_us)
     if charged:
