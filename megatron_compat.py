@@ -133,9 +133,9 @@ def accept_te_cross_entropy() -> None:
 def require_fixed_te_cross_entropy() -> None:
     """Raise if the installed Transformer Engine predates the fixed cross entropy; without TE
     (a CPU dry run) there is nothing to check."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         installed = version("transformer_engine")
     except PackageNotFoundError:
         return

@@ -21,15 +21,15 @@ the pack (data parallel for the dense weights, the experts split between the GPU
     python scripts/bench/bench_vs_hf.py --layers 8 \
         --optimizer-config use_precision_aware_optimizer=True   # a megatron optimizer setting
 
-Ours: megatron DDP with the distributed optimizer (fp32 master weights and grads, bf16 compute), TE
-layers (weight gradients added to the fp32 grads by megatron DDP, as training does; with
-`--wgrad-fusion te` the TE GEMMs accumulate them in place), fla kernels, the launcher's MoE fusions
-(fused router and permutation, the stacked experts' grouped GEMM of EXPERT_GEMM=auto), packed THD
-(or, with --layout row, HF's single BSHD row). HF: `Qwen3_5ForConditionalGeneration`
-(`Qwen3_5MoeForConditionalGeneration` with its grouped_mm experts) in pure bf16 with fused AdamW
-and sdpa attention (fla kernels when installed); the pack is one 8192-token row there, as HF has no
-packed-sequence path for Qwen3.5. FLOPs come from models/qwen35_vl/flops.py (3 x forward; the MoE
-counts active experts only).
+Ours, set up as training is: megatron DDP with the distributed optimizer (fp32 master weights and
+grads, bf16 compute), TE layers accumulating their weight gradients into the fp32 grads in the GEMM
+(`--wgrad-fusion off`: megatron DDP adds them), TE's fused cross entropy, fla kernels, the
+launcher's MoE fusions (fused router and permutation, the stacked experts' grouped GEMM of
+EXPERT_GEMM=auto), packed THD (or, with --layout row, HF's single BSHD row). HF:
+`Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration` with its grouped_mm
+experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when installed); the pack is
+one 8192-token row there, as HF has no packed-sequence path for Qwen3.5. FLOPs come from
+models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
 """
 
 from __future__ import annotations
