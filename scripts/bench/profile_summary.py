@@ -172,24 +172,34 @@ class IssuedWork:
     kernel_busy_us: float
 
 
+def kernel_launches(trace: dict) -> list[tuple[float, object, Event]]:
+    """(launch time, launching thread, kernel) for each kernel whose launch (CUDA runtime or
+    driver call) the trace ties to it by correlation id, in launch order."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = {
+        e["args"]["correlation"]: Event(str(e["name"]), float(e["ts"]), float(e["dur"]))
+        for e in events
+        if e.get("cat") == "kernel" and "correlation" in e.get("args", {})
+    }
+    return sorted(
+        (
+            (float(e["ts"]), e.get("tid"), kernels[e["args"]["correlation"]])
+            for e in events
+            if e.get("cat") in ("cuda_runtime", "cuda_driver")
+            and e.get("args", {}).get("correlation") in kernels
+        ),
+        key=lambda launch: launch[0],
+    )
+
+
 def work_issued_within(trace: dict, name_prefix: str) -> list[IssuedWork]:
     """For each complete host event whose name starts with `name_prefix`: its duration, the
     kernels whose launch (CUDA runtime or driver call, by correlation id) lies inside it, and the
     length of the union of those kernels' intervals."""
-    events = trace.get("traceEvents", [])
-    launches = sorted(
-        (float(e["ts"]), e["args"]["correlation"])
-        for e in events
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
-    )
-    kernels = {
-        e["args"]["correlation"]: Event(str(e["name"]), float(e["ts"]), float(e["dur"]))
-        for e in events
-        if e.get("ph") == "X" and e.get("cat") == "kernel" and "correlation" in e.get("args", {})
-    }
+    launches = kernel_launches(trace)
     regions = [
         Event(str(e["name"]), float(e["ts"]), float(e["dur"]))
-        for e in events
+        for e in trace.get("traceEvents", [])
         if e.get("ph") == "X"
         and e.get("cat") in HOST_EVENT_CATEGORIES
         and str(e.get("name", "")).startswith(name_prefix)
@@ -197,9 +207,9 @@ def work_issued_within(trace: dict, name_prefix: str) -> list[IssuedWork]:
     issued = []
     for region in sorted(regions, key=lambda e: e.start_us):
         launched = [
-            kernels[correlation]
-            for start, correlation in launches
-            if region.start_us <= start <= region.end_us and correlation in kernels
+            kernel
+            for launch_at, _, kernel in launches
+            if region.start_us <= launch_at <= region.end_us
         ]
         issued.append(
             IssuedWork(region.name, region.duration_us, len(launched), busy_time(launched))
@@ -211,28 +221,21 @@ def launching_operators(trace: dict) -> dict[str, dict[str, int]]:
     """For each kernel name: how many of its launches (CUDA runtime or driver call, matched by
     correlation id) each operator made, the operator being the innermost `cpu_op` under way on
     the launching thread (so a kernel named by its template alone gets its aten operator)."""
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    kernel_names = {
-        e["args"]["correlation"]: str(e["name"])
-        for e in events
-        if e.get("cat") == "kernel" and "correlation" in e.get("args", {})
-    }
     launches: dict[object, list[tuple[float, str]]] = defaultdict(list)
+    for launch_at, thread, kernel in kernel_launches(trace):
+        launches[thread].append((launch_at, kernel.name))
     operators: dict[object, list[Event]] = defaultdict(list)
-    for e in events:
-        correlation = e.get("args", {}).get("correlation")
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and correlation in kernel_names:
-            launches[e.get("tid")].append((float(e["ts"]), kernel_names[correlation]))
-        elif e.get("cat") == "cpu_op":
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
             operators[e.get("tid")].append(Event(str(e["name"]), float(e["ts"]), float(e["dur"])))
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for thread, thread_launches in launches.items():
         # One sweep per thread, as in idle_by_host_event: what stays open is the nest of
-        # operators around the current launch.
+        # operators around the current launch (the launches come in time order).
         ordered = sorted(operators[thread], key=lambda op: op.start_us)
         open_operators: list[Event] = []
         upcoming = 0
-        for launch_at, kernel in sorted(thread_launches):
+        for launch_at, kernel in thread_launches:
             while upcoming < len(ordered) and ordered[upcoming].start_us <= launch_at:
                 open_operators.append(ordered[upcoming])
                 upcoming += 1
