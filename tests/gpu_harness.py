@@ -83,8 +83,12 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def set_model_parallel(tp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) -> None:
-    """(Re)build megatron's process groups for a layout, in the same process group."""
+def set_model_parallel(
+    tp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234, te_rng_tracker: bool = False
+) -> None:
+    """(Re)build megatron's process groups and RNG tracker for a layout, in the same process
+    group; `te_rng_tracker`: TE's graph-safe tracker, which TE's attention needs under CUDA graph
+    capture (training's --te-rng-tracker)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -93,7 +97,7 @@ def set_model_parallel(tp: int = 1, cp: int = 1, ep: int = 1, seed: int = 1234) 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, context_parallel_size=cp, expert_model_parallel_size=ep
     )
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, te_rng_tracker=te_rng_tracker, force_reset_rng=True)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -122,7 +126,9 @@ def base_transformer_config(config: Qwen35VLConfig, dtype: torch.dtype, **overri
     return TransformerConfig(**fields)
 
 
-def build_megatron(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any):
+def build_megatron(
+    config: Qwen35VLConfig, dtype: torch.dtype, vision_patch_budget=None, **overrides: Any
+):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_compat import apply_patches
@@ -130,7 +136,15 @@ def build_megatron(config: Qwen35VLConfig, dtype: torch.dtype, **overrides: Any)
 
     apply_patches()
     base = base_transformer_config(config, dtype, **overrides)
-    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    budget = {}
+    if vision_patch_budget is not None:
+        budget = dict(
+            vision_graph_patches=vision_patch_budget.patches,
+            vision_graph_images=vision_patch_budget.images,
+        )
+    model = build_model(
+        config, base, ProcessGroupCollection.use_mpu_process_groups(), **budget
+    ).cuda()
     # As megatron's Float16Module does in training: every parameter in the training dtype.
     return model.to(dtype)
 
@@ -288,25 +302,29 @@ def main_grads_after_micro_batches(
     prepare: Callable[[torch.nn.Module], int],
     samples: Sequence[tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]],
     seq_length: int = 640,
+    vision_patch_budget=None,
+    overlap_grad_reduce: bool = False,
 ) -> dict[str, Any]:
     """Build the bf16 model under megatron DDP (fp32 grads), load `weights` (another build's:
     megatron's initialisation is not reproducible from one seed across two builds in a
     process), apply `prepare` (a model change; returns how many modules it changed), and run
     the (seed, text lengths, images) `samples` as micro-batches whose gradients accumulate.
     Returns the initial weights, the summed per-token losses, `prepare`'s count, every
-    parameter's `main_grad` and the parameters whose gradient a layer added itself."""
+    parameter's `main_grad` and the parameters whose gradient a layer added itself; the model
+    too (`model`, DDP-wrapped)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    set_model_parallel(seed=1234)
-    model = build_megatron(config, torch.bfloat16)
+    set_model_parallel(seed=1234, te_rng_tracker=vision_patch_budget is not None)
+    model = build_megatron(config, torch.bfloat16, vision_patch_budget=vision_patch_budget)
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     prepared = prepare(model)
     language = model.language_model.config
-    model = DistributedDataParallel(
-        language, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce
     )
+    model = DistributedDataParallel(language, ddp_config, model)
     model.zero_grad_buffer()
     losses = []
     for seed, lengths, images in samples:
@@ -319,6 +337,7 @@ def main_grads_after_micro_batches(
     model.finish_grad_sync()
     parameters = list(model.module.named_parameters())
     return {
+        "model": model,
         "initial": initial,
         "losses": losses,
         "prepared": prepared,

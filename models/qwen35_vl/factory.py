@@ -27,10 +27,19 @@ def language_config(model_config: Qwen35VLConfig, base: TransformerConfig) -> Tr
 
 
 def vision_config(
-    model_config: Qwen35VLConfig, base: TransformerConfig, recompute: bool = False
+    model_config: Qwen35VLConfig,
+    base: TransformerConfig,
+    recompute: bool = False,
+    cuda_graph: bool = False,
 ) -> TransformerConfig:
     """The vision tower's config: same precision and TP as the language model, no sequence or
-    context parallelism (each rank encodes its micro-batch's images whole), no MoE / MTP."""
+    context parallelism (each rank encodes its micro-batch's images whole), no MoE / MTP; with
+    `cuda_graph` its layers run as megatron-core's per-layer CUDA graphs ("local")."""
+    if cuda_graph and recompute:
+        raise ValueError(
+            "the vision tower's CUDA graphs and its recomputation exclude each other: "
+            "set VISION_CUDA_GRAPH=0 or RECOMPUTE_VISION=0"
+        )
     fields: dict[str, Any] = dict(
         model_config.vision_transformer_fields(),
         sequence_parallel=False,
@@ -47,6 +56,8 @@ def vision_config(
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
+        cuda_graph_impl="local" if cuda_graph else "none",
+        inference_cuda_graph_scope=None,  # re-derived from cuda_graph_impl
         mrope_section=None,
         linear_num_key_heads=None,
         linear_num_value_heads=None,
@@ -55,10 +66,15 @@ def vision_config(
 
 
 def transformer_configs(
-    model_config: Qwen35VLConfig, base: TransformerConfig, recompute_vision: bool = False
+    model_config: Qwen35VLConfig,
+    base: TransformerConfig,
+    recompute_vision: bool = False,
+    vision_cuda_graph: bool = False,
 ) -> tuple[TransformerConfig, TransformerConfig]:
     """(language, vision) TransformerConfigs; constructing them runs megatron's validation."""
-    return language_config(model_config, base), vision_config(model_config, base, recompute_vision)
+    return language_config(model_config, base), vision_config(
+        model_config, base, recompute_vision, vision_cuda_graph
+    )
 
 
 def cudnn_version_tuple(encoded: int) -> tuple[int, int, int]:
@@ -106,13 +122,21 @@ def build_model(
     parallel_output: bool = True,
     vp_stage: int | None = None,
     model_class: type | None = None,
+    vision_graph_patches: int = 0,
+    vision_graph_images: int = 16,
 ):
     """The whole model on this rank (the registry's model factory); needs CUDA and TE.
-    `model_class`: `Qwen35VLModel` or a subclass sharing its structure (Qwen3-VL's)."""
+    `model_class`: `Qwen35VLModel` or a subclass sharing its structure (Qwen3-VL's).
+    `vision_graph_patches` > 0: the vision tower's layers run as CUDA graphs on each micro-batch's
+    patches padded to that many rows in `vision_graph_images` attention segments."""
     from .model import Qwen35VLModel
+    from .vision import PatchBudget
 
     require_matching_cudnn()
-    language, vision = transformer_configs(model_config, base, recompute_vision)
+    budget = (
+        PatchBudget(vision_graph_patches, vision_graph_images) if vision_graph_patches else None
+    )
+    language, vision = transformer_configs(model_config, base, recompute_vision, budget is not None)
     return (model_class or Qwen35VLModel)(
         model_config,
         language,
@@ -122,4 +146,5 @@ def build_model(
         post_process=post_process,
         parallel_output=parallel_output,
         vp_stage=vp_stage,
+        vision_patch_budget=budget,
     )

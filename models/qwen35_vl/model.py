@@ -18,7 +18,7 @@ from torch import Tensor
 from .configuration import Qwen35VLConfig
 from .mrope import InterleavedMRopeEmbedding
 from .specs import language_stack_spec, vision_layer_spec
-from .vision import Qwen35VisionEncoder, VisionInputs
+from .vision import PatchBudget, Qwen35VisionEncoder, VisionInputs
 
 
 def check_feature_count(features: Tensor, vision_inputs: VisionInputs) -> None:
@@ -174,6 +174,7 @@ class Qwen35VLModel(MegatronModule):
         post_process: bool = True,
         parallel_output: bool = True,
         vp_stage: int | None = None,
+        vision_patch_budget: PatchBudget | None = None,
     ) -> None:
         super().__init__(config=language_config)
         self.model_config = model_config
@@ -181,7 +182,11 @@ class Qwen35VLModel(MegatronModule):
         self.pre_process = pre_process
         self.vision = (
             self.vision_encoder_class(
-                vision_config, model_config.vision, vision_layer_spec(), pg_collection
+                vision_config,
+                model_config.vision,
+                vision_layer_spec(),
+                pg_collection,
+                patch_budget=vision_patch_budget,
             )
             if pre_process
             else None

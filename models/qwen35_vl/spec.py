@@ -24,11 +24,16 @@ def build_model(config: Qwen35VLConfig, base: Any, pg_collection: Any, **options
     return build(config, base, pg_collection, **options)
 
 
-def transformer_configs(config: Qwen35VLConfig, base: Any, recompute_vision: bool = False) -> Any:
+def transformer_configs(
+    config: Qwen35VLConfig,
+    base: Any,
+    recompute_vision: bool = False,
+    vision_cuda_graph: bool = False,
+) -> Any:
     """`factory.transformer_configs`, imported on use (see `build_model`)."""
     from .factory import transformer_configs as configs
 
-    return configs(config, base, recompute_vision)
+    return configs(config, base, recompute_vision, vision_cuda_graph)
 
 
 def model_args(config: Qwen35VLConfig) -> dict[str, Any]:

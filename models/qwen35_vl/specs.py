@@ -132,9 +132,13 @@ def rotate_in_fp32(
     On a GPU with Transformer Engine this is TE's fused RoPE kernel (its sbhd layout with batch 1
     gives each token its own angles): one kernel forward and one backward in place of megatron's
     chain of slices, cos, sin, casts and products, which the 27 host-bound vision blocks
-    launch for query and key alike. Elsewhere megatron's rotation of the fp32 tensor."""
+    launch for query and key alike. Elsewhere megatron's rotation of the fp32 tensor, and so
+    under megatron-core's per-layer CUDA graphs (VISION_CUDA_GRAPH=1), where launches cost
+    nothing and the fused kernel's weight gradients came out wrong: replayed graphs gave
+    linear_qkv weight gradients 2-6% off the eager tower's, megatron's rotation bitwise equal
+    ones (tests/test_vision_cuda_graph.py)."""
     fused = rope_utils.fused_apply_rotary_pos_emb
-    if fused is not None and tensor.is_cuda:
+    if fused is not None and tensor.is_cuda and config.cuda_graph_impl != "local":
         return fused(tensor, angles, interleaved=config.rotary_interleaved)
     return apply_rotary_pos_emb(tensor.float(), angles, config=config, cp_group=cp_group).to(
         tensor.dtype

@@ -1,11 +1,13 @@
 """Qwen3.5-VL vision tower on megatron-core: patch embedding, learned positions resampled to each
 image's grid, 2D rotary positions, pre-norm ViT blocks (TE) with attention restricted to each
-image through THD cu_seqlens, and the 2x2 patch merger with exact GELU.
+image through THD cu_seqlens, and the 2x2 patch merger with exact GELU. With a `PatchBudget` the
+blocks run as CUDA graphs (megatron-core's per-layer graphs) on inputs padded to fixed shapes.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from megatron.core.extensions.transformer_engine import (
 )
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.cuda_graphs import create_cudagraphs
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -45,6 +48,61 @@ def _singleton_group():
     if _SINGLETON_GROUP is None:
         _SINGLETON_GROUP, _ = torch.distributed.new_subgroups(group_size=1)
     return _SINGLETON_GROUP
+
+
+@dataclass(frozen=True)
+class PatchBudget:
+    """Fixed vision shapes per micro-batch, so that CUDA graphs captured once replay every step:
+    `patches` rows, the real patches then zero rows, in `images` + 1 attention segments: one per
+    image, the zero rows split evenly over the rest (so that their attention, which is thrown
+    away, costs little)."""
+
+    patches: int
+    images: int
+
+    def pad(self, hidden: Tensor, rotary: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, ...]:
+        """`hidden` [N, 1, H], `rotary` [N, 1, 1, D] and `cu_seqlens` [images + 1] padded to the
+        budget: ([patches, 1, H], [patches, 1, 1, D], [self.images + 2])."""
+        patches, images = hidden.shape[0], cu_seqlens.shape[0] - 1
+        if patches > self.patches or images > self.images:
+            raise ValueError(
+                f"a micro-batch has {patches} image patches in {images} images, over the vision "
+                f"CUDA graph budget of {self.patches} patches in {self.images} images: raise "
+                "VISION_GRAPH_PATCHES / VISION_GRAPH_IMAGES (or set VISION_CUDA_GRAPH=0)"
+            )
+        padding = self.patches - patches
+        hidden = torch.cat((hidden, hidden.new_zeros(padding, *hidden.shape[1:])))
+        rotary = torch.cat((rotary, rotary.new_zeros(padding, *rotary.shape[1:])))
+        segments = self.images + 1 - images
+        # Built on the device from host integers: no copy the host would wait for.
+        steps = torch.arange(1, segments + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+        ends = (patches + steps * -(-padding // segments)).clamp_(max=self.patches)
+        return hidden, rotary, torch.cat((cu_seqlens, ends))
+
+
+class ReportGraphedGradients(torch.autograd.Function):
+    """Identity on the blocks' input whose backward hands autograd a zero gradient, marked as
+    already added, for each parameter of the graphed blocks. megatron-core's graph replay adds
+    weight gradients into `main_grad` itself and returns none for the parameters, so DDP's
+    per-parameter hooks (grad-ready counting under --overlap-grad-reduce) would never fire; the
+    input's gradient is the blocks' last, so every weight gradient is in place by then."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, *parameters: Tensor) -> Tensor:
+        ctx.parameters = parameters
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, ...]:
+        zeros: dict[tuple, Tensor] = {}
+        grads = []
+        for parameter in ctx.parameters:
+            parameter.grad_added_to_main_grad = True
+            key = (parameter.shape, parameter.dtype)
+            if key not in zeros:
+                zeros[key] = parameter.new_zeros(()).expand(parameter.shape)
+            grads.append(zeros[key])
+        return grad, *grads
 
 
 class PatchMerger(MegatronModule):
@@ -116,9 +174,16 @@ class Qwen35VisionEncoder(MegatronModule):
         vision: VisionConfig,
         layer_spec: ModuleSpec,
         pg_collection: ProcessGroupCollection,
+        patch_budget: PatchBudget | None = None,
     ) -> None:
         super().__init__(config=config)
+        if (config.cuda_graph_impl == "local") != (patch_budget is not None):
+            raise ValueError(
+                "the vision tower's CUDA graphs need both cuda_graph_impl='local' in its config "
+                f"and a patch budget (got {config.cuda_graph_impl!r} and {patch_budget})"
+            )
         self.vision = vision
+        self.patch_budget = patch_budget
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         # A Conv3d whose kernel equals its stride is a linear map of each flattened patch.
         self.patch_embed = nn.Linear(patch_dim, vision.hidden_size, bias=True)
@@ -134,6 +199,16 @@ class Qwen35VisionEncoder(MegatronModule):
             pg_collection=self.pg_collection,
         )
         self.merger = PatchMerger(config, vision, tp_group=self.pg_collection.tp)
+
+    def blocks_replay_graphs(self) -> bool:
+        """Whether the blocks' CUDA graphs exist (from the second training step on: the first
+        runs eagerly while megatron-core records what to capture)."""
+        runners = [
+            runner
+            for layer in self.blocks.layers
+            for runner in layer.cudagraph_manager.cudagraph_runners
+        ]
+        return bool(runners) and all(runner.cudagraph_created for runner in runners)
 
     def forward(self, inputs: VisionInputs) -> Tensor:
         """[num_patches, patch_dim] pixels -> [num_patches / merge**2, out_hidden_size]."""
@@ -151,21 +226,30 @@ class Qwen35VisionEncoder(MegatronModule):
         positions = (self.pos_embed(inputs.interp_indices) * inputs.interp_weights[..., None]).sum(
             1
         )
-        hidden = hidden + positions.to(hidden.dtype)
+        hidden = (hidden + positions.to(hidden.dtype)).unsqueeze(1)
         rotary = self.rotary(inputs.rotary_position_ids)
+        cu_seqlens, max_seqlen = inputs.cu_seqlens, inputs.max_seqlen
+        patches = hidden.shape[0]
+        if self.patch_budget is not None:
+            # Captures the graphs megatron recorded in the previous step (a no-op once made).
+            create_cudagraphs()
+            hidden, rotary, cu_seqlens = self.patch_budget.pad(hidden, rotary, cu_seqlens)
+            max_seqlen = self.patch_budget.patches
+            if torch.is_grad_enabled() and self.blocks_replay_graphs():
+                hidden = ReportGraphedGradients.apply(hidden, *self.blocks.parameters())
         packed = PackedSeqParams(
             qkv_format="thd",
-            cu_seqlens_q=inputs.cu_seqlens,
-            cu_seqlens_kv=inputs.cu_seqlens,
-            max_seqlen_q=inputs.max_seqlen,
-            max_seqlen_kv=inputs.max_seqlen,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max_seqlen,
+            max_seqlen_kv=max_seqlen,
         )
         output = self.blocks(
-            hidden_states=hidden.unsqueeze(1),
+            hidden_states=hidden,
             attention_mask=None,
             rotary_pos_emb=rotary,
             packed_seq_params=packed,
             extract_layer_indices=set(block_outputs),
         )
         hidden, extracted = output if block_outputs else (output, [])
-        return hidden.squeeze(1), [block.squeeze(1) for block in extracted]
+        return hidden[:patches, 0], [block[:patches, 0] for block in extracted]
