@@ -34,6 +34,8 @@ LAUNCHER_VARIABLES = {
     "--expert-model-parallel-size": "EP",
     "--seq-length": "SEQ_LEN",
     "--expert-gemm": "EXPERT_GEMM",
+    "--vision-cuda-graph-patches": "VISION_GRAPH_PATCHES",
+    "--vision-cuda-graph-images": "VISION_GRAPH_IMAGES",
 }
 # A tokenizer directory holds at least one of these (AutoTokenizer reads them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -86,6 +88,21 @@ def add_multimodal_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     group.add_argument(
         "--recompute-vision", action="store_true", help="recompute the vision tower in backward"
+    )
+    group.add_argument(
+        "--vision-cuda-graph-patches",
+        type=int,
+        default=0,
+        help="run the vision tower's layers as CUDA graphs (megatron-core's per-layer graphs) on "
+        "every micro-batch's patches padded to this many rows; at least the most patches one "
+        "micro-batch holds (0: eager)",
+    )
+    group.add_argument(
+        "--vision-cuda-graph-images",
+        type=int,
+        default=16,
+        help="with --vision-cuda-graph-patches: the most images (attention segments) one "
+        "micro-batch holds",
     )
     group.add_argument(
         "--expert-gemm",
@@ -405,6 +422,7 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
             "sequence is not one (megatron_compat.count_moe_tokens_as_integers); use aux_loss or "
             "drop --moe-router-fusion"
         )
+    check_vision_cuda_graph(args)
     config = model_config_from_args(args)
     check_architecture_flags(args, config)
     check_layout(args, config)
@@ -418,6 +436,34 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--total-seq-length {args.total_seq_length} must be a multiple of {multiple} "
             f"({pad_multiple_reason(args)}) for BSHD batches; change --total-seq-length or CP/TP"
+        )
+
+
+def check_vision_cuda_graph(args: argparse.Namespace) -> None:
+    """The vision tower's CUDA graphs (VISION_CUDA_GRAPH=1): a budget, TE's RNG tracker, and the
+    one layout they were verified in (one GPU: tests/test_vision_cuda_graph.py)."""
+    patches, images = args.vision_cuda_graph_patches, args.vision_cuda_graph_images
+    if patches == 0:
+        return
+    if patches < 0 or images < 1:
+        raise ValueError(
+            f"--vision-cuda-graph-patches {patches} / --vision-cuda-graph-images {images} "
+            "(VISION_GRAPH_PATCHES / VISION_GRAPH_IMAGES): use positive counts"
+        )
+    if args.recompute_vision:
+        raise ValueError(
+            "the vision tower's CUDA graphs and its recomputation exclude each other: set "
+            "VISION_CUDA_GRAPH=0 or RECOMPUTE_VISION=0"
+        )
+    if not args.te_rng_tracker:
+        raise ValueError(
+            "--vision-cuda-graph-patches needs --te-rng-tracker: TE's attention refuses CUDA "
+            "graph capture under megatron's own RNG tracker (the run script adds it)"
+        )
+    if args.world_size > 1:
+        raise ValueError(
+            f"VISION_CUDA_GRAPH=1 is verified on one GPU only, and this run has "
+            f"{args.world_size}: set VISION_CUDA_GRAPH=0 for multi-GPU runs"
         )
 
 

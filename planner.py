@@ -420,7 +420,10 @@ def validate_model_configs(args: argparse.Namespace, config: Any) -> list[str]:
                 setattr(config_args, flag, False)
                 skipped.append("--" + flag.replace("_", "-"))
     get_model_spec(args.model_name).transformer_configs(
-        config, core_transformer_config_from_args(config_args), args.recompute_vision
+        config,
+        core_transformer_config_from_args(config_args),
+        args.recompute_vision,
+        args.vision_cuda_graph_patches > 0,
     )
     return skipped
 

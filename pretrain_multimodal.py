@@ -65,6 +65,8 @@ def model_provider(
         post_process=post_process,
         recompute_vision=args.recompute_vision,
         vp_stage=vp_stage,
+        vision_graph_patches=args.vision_cuda_graph_patches,
+        vision_graph_images=args.vision_cuda_graph_images,
     )
     fuse_wgrad_accumulation_in_te_layers(model, args)
     if args.expert_gemm == "torch":

@@ -38,6 +38,8 @@ CKPT_SAVE=${CKPT_SAVE:-}; CKPT_LOAD=${CKPT_LOAD:-}; CKPT_RESUME=${CKPT_RESUME:-1
 SAVE_INTERVAL=${SAVE_INTERVAL:-100}
 FORCE_LOAD_BALANCING=${FORCE_LOAD_BALANCING:-0}
 RECOMPUTE=${RECOMPUTE:-0}; RECOMPUTE_VISION=${RECOMPUTE_VISION:-0}
+VISION_CUDA_GRAPH=${VISION_CUDA_GRAPH:-0}; VISION_GRAPH_PATCHES=${VISION_GRAPH_PATCHES:-}
+VISION_GRAPH_IMAGES=${VISION_GRAPH_IMAGES:-16}
 MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-}; MASK_IM_END=${MASK_IM_END:-0}
 CP_COMM_TYPE=${CP_COMM_TYPE:-p2p}; EXPERT_GEMM=${EXPERT_GEMM:-auto}
 PROFILE=${PROFILE:-0}; PROFILE_STEPS=${PROFILE_STEPS:-5:7}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-0}
@@ -79,7 +81,11 @@ non_negative_ints EVAL_ITERS WARMUP_ITERS NUM_WORKERS SEED
 [ -z "$MTP_NUM_LAYERS" ] || non_negative_ints MTP_NUM_LAYERS
 [ -z "$GBS" ] || positive_ints GBS
 switches PACKED FSDP RECOMPUTE RECOMPUTE_VISION DETERMINISTIC DRY_RUN FORCE_LOAD_BALANCING \
-  CKPT_RESUME MASK_IM_END
+  CKPT_RESUME MASK_IM_END VISION_CUDA_GRAPH
+if [ "$VISION_CUDA_GRAPH" = 1 ]; then
+  [ -n "$VISION_GRAPH_PATCHES" ] || die "VISION_CUDA_GRAPH=1 needs VISION_GRAPH_PATCHES: the most image patches one micro-batch holds (an image of H x W pixels has H x W / patch_size^2 of them; the graphs run on that many rows every step)"
+  positive_ints VISION_GRAPH_PATCHES VISION_GRAPH_IMAGES
+fi
 { is_int "$NODE_RANK" && [ "$NODE_RANK" -lt "$NNODES" ]; } \
   || die "NODE_RANK=$NODE_RANK: not a node of NNODES=$NNODES; use $([ "$NNODES" -eq 1 ] && echo 0 || echo "0 to $((NNODES - 1))") (0 on the first node)"
 { is_int "$MASTER_PORT" && [ "$MASTER_PORT" -ge 1 ] && [ "$MASTER_PORT" -le 65535 ]; } \
@@ -210,6 +216,11 @@ if [ "$RECOMPUTE" = 1 ]; then
   ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 fi
 [ "$RECOMPUTE_VISION" = 1 ] && ARGS+=(--recompute-vision)
+if [ "$VISION_CUDA_GRAPH" = 1 ]; then
+  # TE's attention refuses CUDA graph capture under megatron's own RNG tracker.
+  ARGS+=(--vision-cuda-graph-patches "$VISION_GRAPH_PATCHES"
+         --vision-cuda-graph-images "$VISION_GRAPH_IMAGES" --te-rng-tracker)
+fi
 [ "$MASK_IM_END" = 1 ] && ARGS+=(--mask-im-end)
 if [ -n "$CKPT_SAVE" ]; then
   ARGS+=(--save "$CKPT_SAVE" --save-interval "$SAVE_INTERVAL")

@@ -146,6 +146,23 @@ def test_te_cross_entropy_is_the_default_outside_deterministic_mode(tmp_path):
     assert "--cross-entropy-loss-fusion" not in deterministic
 
 
+def test_vision_cuda_graph_reaches_megatron_with_te_rng_tracker(tmp_path):
+    out = assert_ok(dry_run(tmp_path, VISION_CUDA_GRAPH="1", VISION_GRAPH_PATCHES="4096"))
+    assert "--vision-cuda-graph-patches 4096 --vision-cuda-graph-images 16 --te-rng-tracker" in out
+    assert "--vision-cuda-graph" not in assert_ok(dry_run(tmp_path))
+
+
+def test_vision_cuda_graph_needs_te_rng_tracker():
+    args = megatron_like_args(
+        vision_cuda_graph_patches=4096, tensor_model_parallel_size=1, sequence_parallel=False
+    )
+    args.world_size = 1
+    with pytest.raises(ValueError, match="needs --te-rng-tracker"):
+        validate_multimodal_args(args)
+    args.te_rng_tracker = True
+    validate_multimodal_args(args)
+
+
 def test_tp_cp_packed(tmp_path):
     out = assert_ok(dry_run(tmp_path, TP="2", CP="2", GPUS_PER_NODE="4", PACKED="1"))
     assert "world 4 = TP 2 x CP 2 x PP 1 x DP 1" in out
@@ -222,6 +239,15 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
             ["EP=4: world size 2 is not divisible by TP x EP x PP", "use an EP"],
         ),
         ({"TRAIN_ITERS": "5"}, ["WARMUP_ITERS=10 must be below TRAIN_ITERS=5"]),
+        ({"VISION_CUDA_GRAPH": "1"}, ["VISION_CUDA_GRAPH=1 needs VISION_GRAPH_PATCHES"]),
+        (
+            {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096", "GPUS_PER_NODE": "2"},
+            ["VISION_CUDA_GRAPH=1 is verified on one GPU only", "this run has 2"],
+        ),
+        (
+            {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096", "RECOMPUTE_VISION": "1"},
+            ["exclude each other", "VISION_CUDA_GRAPH=0 or RECOMPUTE_VISION=0"],
+        ),
     ],
     ids=[
         "bad-variant",
@@ -239,6 +265,9 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         "gdn-heads-over-cp",
         "ep-not-dividing-world",
         "warmup-beyond-schedule",
+        "vision-graph-without-budget",
+        "vision-graph-on-two-gpus",
+        "vision-graph-with-recompute",
     ],
 )
 def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):

@@ -161,7 +161,12 @@ def provide_model(monkeypatch, built: torch.nn.Module, **settings) -> torch.nn.M
 
     import pretrain_multimodal
 
-    spec = types.SimpleNamespace(build_model=lambda *args, **kwargs: built)
+    def build_model(*args, **options):
+        built.build_options = options
+        return built
+
+    spec = types.SimpleNamespace(build_model=build_model)
+    settings = {"vision_cuda_graph_patches": 0, "vision_cuda_graph_images": 16, **settings}
     args = training_args(model_name="any", recompute_vision=False, **settings)
     monkeypatch.setattr(megatron.training, "get_args", lambda: args)
     monkeypatch.setattr(pretrain_multimodal, "get_model_spec", lambda name: spec)
@@ -174,6 +179,19 @@ def test_training_model_provider_fuses_te_wgrad_accumulation(monkeypatch):
     built = torch.nn.Sequential(LayerWithFusionSetting())
     model = provide_model(monkeypatch, built, expert_gemm="te")
     assert model is built and model[0].fuse_wgrad_accumulation
+
+
+def test_training_model_provider_passes_the_vision_graph_budget(monkeypatch):
+    built = torch.nn.Sequential(LayerWithFusionSetting())
+    model = provide_model(
+        monkeypatch,
+        built,
+        expert_gemm="te",
+        vision_cuda_graph_patches=4096,
+        vision_cuda_graph_images=24,
+    )
+    options = model.build_options
+    assert (options["vision_graph_patches"], options["vision_graph_images"]) == (4096, 24)
 
 
 def test_torch_expert_gemm_refuses_a_model_without_te_experts(monkeypatch):
