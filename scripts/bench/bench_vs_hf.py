@@ -20,6 +20,7 @@ the pack (data parallel for the dense weights, the experts split between the GPU
         --config moe_router_dtype=fp32   # a megatron setting; where the host waits per step
     python scripts/bench/bench_vs_hf.py --layers 8 \
         --optimizer-config use_precision_aware_optimizer=True   # a megatron optimizer setting
+    python scripts/bench/bench_vs_hf.py --layers 8 --vision-cuda-graph  # VISION_CUDA_GRAPH=1
 
 Ours, set up as training is: megatron DDP with the distributed optimizer (fp32 master weights and
 grads, bf16 compute), TE layers accumulating their weight gradients into the fp32 grads in the GEMM
@@ -149,6 +150,7 @@ def megatron_side(
     expert_gemm: str = "torch",
     profile_python: bool = False,
     ep: int = 1,
+    vision_cuda_graph: bool = False,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition), under EP each rank its own copy of it; the step is timed on every rank."""
@@ -172,7 +174,16 @@ def megatron_side(
     parallel_state.initialize_model_parallel(
         context_parallel_size=cp, expert_model_parallel_size=ep
     )
-    model_parallel_cuda_manual_seed(1234)
+    # TE's attention refuses CUDA graph capture under any RNG tracker but TE's (--te-rng-tracker).
+    model_parallel_cuda_manual_seed(1234, te_rng_tracker=vision_cuda_graph)
+    vision = batch["vision"]
+    # The pack's patches rounded up to a multiple of 256, as a launcher budget would round.
+    graph_budget = {}
+    if vision_cuda_graph:
+        graph_budget = dict(
+            vision_graph_patches=-(-vision.pixel_values.shape[0] // 256) * 256,
+            vision_graph_images=vision.grid_thw.shape[0],
+        )
     settings = dict(
         num_layers=2,
         hidden_size=config.text.hidden_size,
@@ -194,7 +205,9 @@ def megatron_side(
         moe_router_dtype="fp32",
     )
     base = TransformerConfig(**{**settings, **config_overrides.get("model", {})})
-    model = build_model(config, base, ProcessGroupCollection.use_mpu_process_groups()).cuda()
+    model = build_model(
+        config, base, ProcessGroupCollection.use_mpu_process_groups(), **graph_budget
+    ).cuda()
     if wgrad_fusion:
         ddp = argparse.Namespace(
             gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
@@ -392,6 +405,12 @@ def main() -> None:
         "use_precision_aware_optimizer=True (repeatable; recorded in the JSON)",
     )
     parser.add_argument(
+        "--vision-cuda-graph",
+        action="store_true",
+        help="run the vision tower's layers as CUDA graphs (training's VISION_CUDA_GRAPH=1) on "
+        "the pack's patches padded to a multiple of 256",
+    )
+    parser.add_argument(
         "--layout",
         choices=("pack", "row"),
         default="pack",
@@ -453,6 +472,7 @@ def main() -> None:
         "megatron_config": {k: repr(v) for k, v in config_overrides["model"].items()},
         "megatron_optimizer_config": {k: repr(v) for k, v in config_overrides["optimizer"].items()},
         "megatron_expert_gemm": args.expert_gemm if config.text.is_moe else None,
+        "megatron_vision_cuda_graph": args.vision_cuda_graph,
         "hf_activation_checkpointing": args.hf_activation_checkpointing,
         "cublaslt_version": cublaslt_version(),
         "nvte_environment": {k: v for k, v in os.environ.items() if k.startswith("NVTE_")},
@@ -471,6 +491,7 @@ def main() -> None:
         args.expert_gemm,
         profile_python=args.profile_python,
         ep=ep,
+        vision_cuda_graph=args.vision_cuda_graph,
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
     # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
