@@ -103,6 +103,17 @@ def feature_runs() -> list[Run]:
     return [
         Run("proxy_recompute", {**proxy, "RECOMPUTE": "1"}, reference="proxy_1gpu"),
         Run("proxy_recompute_vision", {**proxy, "RECOMPUTE_VISION": "1"}, reference="proxy_1gpu"),
+        # Mock samples give at most half of their 1,024 tokens (2,048 patches) to 1-3 images.
+        Run(
+            "proxy_vision_cuda_graph",
+            {
+                **proxy,
+                "VISION_CUDA_GRAPH": "1",
+                "VISION_GRAPH_PATCHES": "2048",
+                "VISION_GRAPH_IMAGES": "3",
+            },
+            reference="proxy_1gpu",
+        ),
         Run("proxy_mtp0", {**proxy, "MTP_NUM_LAYERS": "0"}, reference="proxy_1gpu"),
         Run("proxy_mtp2", {**proxy, "MTP_NUM_LAYERS": "2"}, reference="proxy_1gpu"),
         Run("moe_torch_experts", torch_experts, reference="moe_1gpu"),

@@ -248,6 +248,10 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
             {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096", "RECOMPUTE_VISION": "1"},
             ["exclude each other", "VISION_CUDA_GRAPH=0 or RECOMPUTE_VISION=0"],
         ),
+        (
+            {"MODEL": "qwen3_vl", "VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096"},
+            ["verified with Qwen3.5-VL's vision tower only", "DeepStack", "VISION_CUDA_GRAPH=0"],
+        ),
     ],
     ids=[
         "bad-variant",
@@ -268,6 +272,7 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         "vision-graph-without-budget",
         "vision-graph-on-two-gpus",
         "vision-graph-with-recompute",
+        "vision-graph-qwen3-vl",
     ],
 )
 def test_bad_settings_fail_with_the_fix(tmp_path, knobs, needles):

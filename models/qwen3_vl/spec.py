@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from models.qwen35_vl.configuration import human_count
-from models.qwen35_vl.spec import model_args, transformer_configs
+from models.qwen35_vl.spec import model_args
+from models.qwen35_vl.spec import transformer_configs as qwen35_transformer_configs
 from models.qwen35_vl.vision_inputs import SampleInputs
 from models.spec import ModelShape, ModelSpec, data_module_provider
 
@@ -69,11 +70,34 @@ def describe(config: Qwen3VLConfig) -> list[str]:
     ]
 
 
+def refuse_vision_cuda_graph(enabled: bool) -> None:
+    """DeepStack reads early blocks' outputs after the last block ran; under megatron-core's
+    per-layer graphs those are graph output buffers, and that was never run on a GPU."""
+    if enabled:
+        raise ValueError(
+            "VISION_CUDA_GRAPH=1 is verified with Qwen3.5-VL's vision tower only; Qwen3-VL's "
+            "DeepStack reads intermediate block outputs, not yet run under CUDA graphs: set "
+            "VISION_CUDA_GRAPH=0"
+        )
+
+
+def transformer_configs(
+    config: Qwen3VLConfig,
+    base: Any,
+    recompute_vision: bool = False,
+    vision_cuda_graph: bool = False,
+) -> Any:
+    """Qwen3.5's TransformerConfigs (the same rules), without the vision tower's CUDA graphs."""
+    refuse_vision_cuda_graph(vision_cuda_graph)
+    return qwen35_transformer_configs(config, base, recompute_vision)
+
+
 def build_model(config: Qwen3VLConfig, base: Any, pg_collection: Any, **options: Any) -> Any:
     """`factory.build_model`, imported on use: megatron-core's import prints library warnings,
     which the dry run keeps out of its plan."""
     from .factory import build_model as build
 
+    refuse_vision_cuda_graph(bool(options.get("vision_graph_patches")))
     return build(config, base, pg_collection, **options)
 
 
