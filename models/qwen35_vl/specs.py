@@ -135,8 +135,8 @@ def rotate_in_fp32(
     launch for query and key alike. Elsewhere megatron's rotation of the fp32 tensor, and so
     under megatron-core's per-layer CUDA graphs (VISION_CUDA_GRAPH=1), where launches cost
     nothing and the fused kernel's weight gradients came out wrong: replayed graphs gave
-    linear_qkv weight gradients 2-6% off the eager tower's, megatron's rotation bitwise equal
-    ones (tests/test_vision_cuda_graph.py)."""
+    linear_qkv weight gradients 2-6% off the eager tower's, megatron's rotation bitwise-equal
+    ones (docs/results.md, "The vision tower as CUDA graphs")."""
     fused = rope_utils.fused_apply_rotary_pos_emb
     if fused is not None and tensor.is_cuda and config.cuda_graph_impl != "local":
         return fused(tensor, angles, interleaved=config.rotary_interleaved)
