@@ -441,7 +441,8 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
 
 def check_vision_cuda_graph(args: argparse.Namespace) -> None:
     """The vision tower's CUDA graphs (VISION_CUDA_GRAPH=1): a budget, TE's RNG tracker, and the
-    one layout they were verified in (one GPU: tests/test_vision_cuda_graph.py)."""
+    one layout they were verified in (one GPU: tests/test_vision_cuda_graph.py). The model's
+    vision config refuses them with RECOMPUTE_VISION=1 (factory.vision_config)."""
     patches, images = args.vision_cuda_graph_patches, args.vision_cuda_graph_images
     if patches == 0:
         return
@@ -449,11 +450,6 @@ def check_vision_cuda_graph(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--vision-cuda-graph-patches {patches} / --vision-cuda-graph-images {images} "
             "(VISION_GRAPH_PATCHES / VISION_GRAPH_IMAGES): use positive counts"
-        )
-    if args.recompute_vision:
-        raise ValueError(
-            "the vision tower's CUDA graphs and its recomputation exclude each other: set "
-            "VISION_CUDA_GRAPH=0 or RECOMPUTE_VISION=0"
         )
     if not args.te_rng_tracker:
         raise ValueError(

@@ -127,7 +127,11 @@ def base_transformer_config(config: Qwen35VLConfig, dtype: torch.dtype, **overri
 
 
 def build_megatron(
-    config: Qwen35VLConfig, dtype: torch.dtype, vision_patch_budget=None, **overrides: Any
+    config: Qwen35VLConfig,
+    dtype: torch.dtype,
+    vision_graph_patches: int = 0,
+    vision_graph_images: int = 16,
+    **overrides: Any,
 ):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -136,14 +140,12 @@ def build_megatron(
 
     apply_patches()
     base = base_transformer_config(config, dtype, **overrides)
-    budget = {}
-    if vision_patch_budget is not None:
-        budget = dict(
-            vision_graph_patches=vision_patch_budget.patches,
-            vision_graph_images=vision_patch_budget.images,
-        )
     model = build_model(
-        config, base, ProcessGroupCollection.use_mpu_process_groups(), **budget
+        config,
+        base,
+        ProcessGroupCollection.use_mpu_process_groups(),
+        vision_graph_patches=vision_graph_patches,
+        vision_graph_images=vision_graph_images,
     ).cuda()
     # As megatron's Float16Module does in training: every parameter in the training dtype.
     return model.to(dtype)
@@ -302,7 +304,8 @@ def main_grads_after_micro_batches(
     prepare: Callable[[torch.nn.Module], int],
     samples: Sequence[tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]],
     seq_length: int = 640,
-    vision_patch_budget=None,
+    vision_graph_patches: int = 0,
+    vision_graph_images: int = 16,
     overlap_grad_reduce: bool = False,
 ) -> dict[str, Any]:
     """Build the bf16 model under megatron DDP (fp32 grads), load `weights` (another build's:
@@ -314,8 +317,13 @@ def main_grads_after_micro_batches(
     too (`model`, DDP-wrapped)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    set_model_parallel(seed=1234, te_rng_tracker=vision_patch_budget is not None)
-    model = build_megatron(config, torch.bfloat16, vision_patch_budget=vision_patch_budget)
+    set_model_parallel(seed=1234, te_rng_tracker=vision_graph_patches > 0)
+    model = build_megatron(
+        config,
+        torch.bfloat16,
+        vision_graph_patches=vision_graph_patches,
+        vision_graph_images=vision_graph_images,
+    )
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}

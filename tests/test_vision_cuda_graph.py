@@ -45,10 +45,7 @@ FOUR_MICRO_BATCHES = [
 
 
 def compare() -> list[Check]:
-    from models.qwen35_vl.vision import PatchBudget
-
     config = tiny_config()
-    budget = PatchBudget(patches=512, images=4)
     eager = main_grads_after_micro_batches(
         config, None, fuse_wgrad_accumulation, FOUR_MICRO_BATCHES
     )
@@ -57,7 +54,8 @@ def compare() -> list[Check]:
         eager["initial"],
         fuse_wgrad_accumulation,
         FOUR_MICRO_BATCHES,
-        vision_patch_budget=budget,
+        vision_graph_patches=512,
+        vision_graph_images=4,
         overlap_grad_reduce=True,
     )
     vision = graphed["model"].module.vision
