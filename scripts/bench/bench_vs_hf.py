@@ -195,6 +195,9 @@ def megatron_side(
         cross_entropy_loss_fusion=True,
         cross_entropy_fusion_impl="te",
         bias_dropout_fusion=True,
+        # megatron's --bias-swiglu-fusion default, which training keeps (unset, the config's
+        # default runs SwiGLU as separate kernels).
+        bias_activation_fusion=True,
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
         # megatron validates expert parallelism against the expert count in this base already.
@@ -274,7 +277,12 @@ def megatron_side(
         if torch.distributed.get_rank() == 0:
             print(sites_markdown(sites), flush=True)
     parallel_state.destroy_model_parallel()
-    return {"step_seconds": seconds, "max_memory_gib": memory, "vision_seconds": vision_seconds}
+    return {
+        "step_seconds": seconds,
+        "max_memory_gib": memory,
+        "vision_seconds": vision_seconds,
+        "vision_graph_budget": graph_budget,
+    }
 
 
 def profile_steps(step, profile_dir: str, steps: int = 3, with_stack: bool = False) -> None:
