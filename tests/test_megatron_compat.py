@@ -1,5 +1,6 @@
 """megatron_compat: the integer MoE token counts that Transformer Engine's fused aux loss needs
-(exact counts, unchanged loss on the unfused path) and the version guard of every patch.
+(exact counts, unchanged loss on the unfused path), the vectorised gradient scaling (megatron's
+products bit for bit), the training hooks, and the version guard of every patch.
 """
 
 from __future__ import annotations
@@ -109,6 +110,28 @@ def test_version_guard_applies_only_matching_versions():
 def test_every_patch_names_its_version_and_upstream_change():
     for patch in megatron_compat.PATCHES:
         assert patch.written_for.endswith(".") and patch.upstream
+
+
+def test_vectorised_gradient_scaling_is_megatrons_bit_for_bit(monkeypatch):
+    """The per-token scaling by a one-element tensor, over several foreach pieces, equals
+    megatron's `grad_data *= scaling`; a Python float still takes megatron's own line."""
+    import types
+
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+
+    megatron_compat.scale_gradients_in_a_vectorised_kernel()
+    monkeypatch.setattr(megatron_compat, "GRADIENT_SCALING_PIECE", 1 << 10)
+    grads, extra = torch.randn(3 * (1 << 10) + 7) * 100, torch.randn(5)
+    scaling = 1.0 / torch.clamp(torch.tensor([8191]), min=1)
+    for factor in (scaling, 0.37):
+        buffer = types.SimpleNamespace(grad_data=grads.clone(), extra_main_grads=[extra.clone()])
+        _ParamAndGradBuffer.scale_gradients(buffer, factor)
+        expected, expected_extra = grads.clone(), extra.clone()
+        expected *= factor
+        expected_extra *= factor
+        assert torch.equal(buffer.grad_data, expected)
+        assert torch.equal(buffer.extra_main_grads[0], expected_extra)
+    assert _ParamAndGradBuffer.scale_gradients.vectorised
 
 
 class LayerWithFusionSetting(torch.nn.Linear):
