@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -129,8 +129,7 @@ def base_transformer_config(config: Qwen35VLConfig, dtype: torch.dtype, **overri
 def build_megatron(
     config: Qwen35VLConfig,
     dtype: torch.dtype,
-    vision_graph_patches: int = 0,
-    vision_graph_images: int = 16,
+    vision_graph: Mapping[str, int] | None = None,
     **overrides: Any,
 ):
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -144,8 +143,7 @@ def build_megatron(
         config,
         base,
         ProcessGroupCollection.use_mpu_process_groups(),
-        vision_graph_patches=vision_graph_patches,
-        vision_graph_images=vision_graph_images,
+        **(vision_graph or {}),
     ).cuda()
     # As megatron's Float16Module does in training: every parameter in the training dtype.
     return model.to(dtype)
@@ -304,26 +302,21 @@ def main_grads_after_micro_batches(
     prepare: Callable[[torch.nn.Module], int],
     samples: Sequence[tuple[int, tuple[int, ...], tuple[tuple[int, int], ...]]],
     seq_length: int = 640,
-    vision_graph_patches: int = 0,
-    vision_graph_images: int = 16,
+    vision_graph: Mapping[str, int] | None = None,
     overlap_grad_reduce: bool = False,
 ) -> dict[str, Any]:
     """Build the bf16 model under megatron DDP (fp32 grads), load `weights` (another build's:
     megatron's initialisation is not reproducible from one seed across two builds in a
     process), apply `prepare` (a model change; returns how many modules it changed), and run
-    the (seed, text lengths, images) `samples` as micro-batches whose gradients accumulate.
+    the (seed, text lengths, images) `samples` as micro-batches whose gradients accumulate;
+    `vision_graph`: `build_model`'s vision CUDA graph budget (`vision_graph_patches`, ...).
     Returns the initial weights, the summed per-token losses, `prepare`'s count, every
     parameter's `main_grad` and the parameters whose gradient a layer added itself; the model
     too (`model`, DDP-wrapped)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    set_model_parallel(seed=1234, te_rng_tracker=vision_graph_patches > 0)
-    model = build_megatron(
-        config,
-        torch.bfloat16,
-        vision_graph_patches=vision_graph_patches,
-        vision_graph_images=vision_graph_images,
-    )
+    set_model_parallel(seed=1234, te_rng_tracker=bool(vision_graph))
+    model = build_megatron(config, torch.bfloat16, vision_graph)
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     initial = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}

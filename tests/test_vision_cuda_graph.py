@@ -54,8 +54,7 @@ def compare() -> list[Check]:
         eager["initial"],
         fuse_wgrad_accumulation,
         FOUR_MICRO_BATCHES,
-        vision_graph_patches=512,
-        vision_graph_images=4,
+        vision_graph=dict(vision_graph_patches=512, vision_graph_images=4),
         overlap_grad_reduce=True,
     )
     vision = graphed["model"].module.vision
