@@ -36,8 +36,32 @@ def test_rotations_equal_hf_on_cpu():
     """The language rotation and the vision tower's fp32 one (megatron's chain where TE's fused
     kernel is absent) are HF's, bit for bit; tests/test_rotary_vs_hf.py checks the GPU path."""
     checks = list(rotation_checks("cpu"))
-    assert len(checks) == 4
+    assert len(checks) == 6
     assert all(check.measured == 0 for check in checks), checks
+
+
+def test_the_graphed_vision_rotation_is_megatrons_fp32_rotation_bit_for_bit():
+    """The formula `specs.rotate_halves_in_fp32` compiles for the vision CUDA graphs, run eagerly:
+    megatron's rotation of the fp32 tensor, output and input gradient."""
+    from models.qwen35_vl.specs import rotation_of_halves_in_fp32
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(300, 1, 16, 72, generator=generator, dtype=torch.bfloat16)
+    angles = torch.rand(300, 1, 1, 72, generator=generator) * 300
+    grad = torch.randn(300, 1, 16, 72, generator=generator, dtype=torch.bfloat16)
+    results = []
+    for rotation in (
+        lambda t, a: rotation_of_halves_in_fp32(t, a.cos(), a.sin()),
+        lambda t, a: apply_rotary_pos_emb(t.float(), a, config=CONFIG, cp_group=ONE_RANK).to(
+            t.dtype
+        ),
+    ):
+        inputs = query.clone().requires_grad_()
+        output = rotation(inputs, angles)
+        output.backward(grad)
+        results.append((output.detach(), inputs.grad))
+    (output, input_grad), (expected, expected_grad) = results
+    assert torch.equal(output, expected) and torch.equal(input_grad, expected_grad)
 
 
 def test_vision_layers_rotate_in_fp32():

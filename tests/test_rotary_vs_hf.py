@@ -1,12 +1,14 @@
 """Our packed rotations against HF's on a GPU, output and input gradient: the vision tower's
-`specs.rotate_in_fp32` (TE's fused RoPE kernel) against `apply_rotary_pos_emb_vision`, and the
-language attention's rotation (megatron's unfused chain) against HF's `apply_rotary_pos_emb`.
+`specs.rotate_in_fp32` (TE's fused RoPE kernel; under the vision CUDA graphs the torch-compiled
+fp32 rotation) against `apply_rotary_pos_emb_vision`, and the language attention's rotation
+(megatron's unfused chain) against HF's `apply_rotary_pos_emb`.
 
     torchrun --nproc-per-node 1 tests/test_rotary_vs_hf.py
 
 Limits. Language: 0, the same bf16 operations in the same order. Vision: both sides form cos,
 sin and the products in fp32 and round once to bf16, so an element can differ only where the
-two fp32 results (TE's `sincosf` and fused multiply-adds against torch's kernels) straddle a
+two fp32 results (TE's `sincosf`, or the compiled kernel's, and fused multiply-adds against
+torch's kernels) straddle a
 bf16 rounding boundary: one bf16 unit in the last place of the largest value, 2^-7 relative
 (max error over max value). A wrong angle row (angles indexed by position within a sequence,
 or broadcast over tokens) differs by O(1).
@@ -33,8 +35,12 @@ from tests.gpu_harness import (
 
 BF16_ULP = 2.0**-7
 CONFIG = SimpleNamespace(
-    apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False
+    apply_rope_fusion=False,
+    rotary_interleaved=False,
+    multi_latent_attention=False,
+    cuda_graph_impl="none",
 )
+VISION_GRAPH_CONFIG = SimpleNamespace(**{**vars(CONFIG), "cuda_graph_impl": "local"})
 ONE_RANK = SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # no context parallelism
 
 
@@ -68,22 +74,25 @@ def rotation_checks(device: str = "cuda"):
     from models.qwen35_vl.specs import rotate_in_fp32
 
     x, grad, angles = random_rotation_inputs(2116, 16, 72, 72, seed=0, device=device)
-    ours = output_and_input_grad(
-        lambda t: rotate_in_fp32(t[:, None], angles[:, None, None], CONFIG, ONE_RANK)[:, 0],
-        x,
-        grad,
-    )
     theirs = output_and_input_grad(
         lambda t: hf.apply_rotary_pos_emb_vision(t, t, angles.cos(), angles.sin())[0], x, grad
     )
-    for what, mine, reference in zip(("output", "input gradient"), ours, theirs, strict=True):
-        differing = int((mine != reference).sum())
-        yield Check(
-            f"vision, ours vs HF: {what}, rel",
-            relative_error(mine, reference),
-            BF16_ULP,
-            f"{differing:,} of {mine.numel():,} elements differ",
+    for tower, config in (("vision", CONFIG), ("vision under CUDA graphs", VISION_GRAPH_CONFIG)):
+        ours = output_and_input_grad(
+            lambda t, config=config: rotate_in_fp32(
+                t[:, None], angles[:, None, None], config, ONE_RANK
+            )[:, 0],
+            x,
+            grad,
         )
+        for what, mine, reference in zip(("output", "input gradient"), ours, theirs, strict=True):
+            differing = int((mine != reference).sum())
+            yield Check(
+                f"{tower}, ours vs HF: {what}, rel",
+                relative_error(mine, reference),
+                BF16_ULP,
+                f"{differing:,} of {mine.numel():,} elements differ",
+            )
 
     x, grad, angles = random_rotation_inputs(8192, 4, 256, 64, seed=1, device=device)
     ours = output_and_input_grad(

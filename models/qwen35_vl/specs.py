@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from functools import partial
 
+import torch
 from megatron.core.extensions.transformer_engine import (
     TEColumnParallelLinear,
     TEDotProductAttention,
@@ -20,6 +21,7 @@ from megatron.core.extensions.transformer_engine import (
     TERowParallelLinear,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.jit import jit_fuser
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -132,17 +134,33 @@ def rotate_in_fp32(
     On a GPU with Transformer Engine this is TE's fused RoPE kernel (its sbhd layout with batch 1
     gives each token its own angles): one kernel forward and one backward in place of megatron's
     chain of slices, cos, sin, casts and products, which the 27 host-bound vision blocks
-    launch for query and key alike. Elsewhere megatron's rotation of the fp32 tensor, and so
-    under megatron-core's per-layer CUDA graphs (VISION_CUDA_GRAPH=1), where launches cost
-    nothing and the fused kernel's weight gradients came out wrong: replayed graphs gave
-    linear_qkv weight gradients 2-6% off the eager tower's, megatron's rotation bitwise-equal
-    ones (docs/results.md, "The vision tower as CUDA graphs")."""
-    fused = rope_utils.fused_apply_rotary_pos_emb
-    if fused is not None and tensor.is_cuda and config.cuda_graph_impl != "local":
-        return fused(tensor, angles, interleaved=config.rotary_interleaved)
+    launch for query and key alike. Under megatron-core's per-layer CUDA graphs
+    (VISION_CUDA_GRAPH=1) the same fp32 formula runs compiled by torch on cos and sin formed in
+    the layer (`rotate_halves_in_fp32`): the fused kernel, and the compiled formula taking the
+    angles, gave linear_qkv weight gradients 2-7% off the eager tower's there (docs/results.md,
+    "The vision tower as CUDA graphs"). Elsewhere megatron's rotation of the fp32 tensor."""
+    if tensor.is_cuda and config.cuda_graph_impl == "local":
+        if angles.shape[-1] == tensor.shape[-1] and not config.rotary_interleaved:
+            return rotate_halves_in_fp32(tensor, torch.cos(angles), torch.sin(angles))
+    else:
+        fused = rope_utils.fused_apply_rotary_pos_emb
+        if fused is not None and tensor.is_cuda:
+            return fused(tensor, angles, interleaved=config.rotary_interleaved)
     return apply_rotary_pos_emb(tensor.float(), angles, config=config, cp_group=cp_group).to(
         tensor.dtype
     )
+
+
+def rotation_of_halves_in_fp32(tensor: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """megatron's rotation of the fp32 tensor (`_apply_rotary_pos_emb_bshd`, halves rotated, the
+    angles spanning the whole head) in one expression on the angles' fp32 cos and sin, rounded
+    once to the tensor's dtype."""
+    x = tensor.float()
+    first, second = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-second, first), dim=-1) * sin).to(tensor.dtype)
+
+
+rotate_halves_in_fp32 = jit_fuser(rotation_of_halves_in_fp32)
 
 
 class PackedGatedDeltaNet(GatedDeltaNet):
