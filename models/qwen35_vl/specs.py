@@ -138,7 +138,7 @@ def rotate_in_fp32(
     (VISION_CUDA_GRAPH=1) the same fp32 formula runs compiled by torch on cos and sin formed in
     the layer (`rotate_halves_in_fp32`): the fused kernel, and the compiled formula taking the
     angles, gave linear_qkv weight gradients 2-7% off the eager tower's there (docs/results.md,
-    "The vision tower as CUDA graphs"). Elsewhere megatron's rotation of the fp32 tensor."""
+    "The step after the vision CUDA graphs"). Elsewhere megatron's rotation of the fp32 tensor."""
     if tensor.is_cuda and config.cuda_graph_impl == "local":
         if angles.shape[-1] == tensor.shape[-1] and not config.rotary_interleaved:
             return rotate_halves_in_fp32(tensor, torch.cos(angles), torch.sin(angles))
