@@ -1,7 +1,8 @@
 """scripts/bench/bench_vs_hf.py's inputs and arithmetic on CPU: the THD pack holds exactly the
 requested tokens of mixed-length samples with images, every sequence padded to a multiple of 8 and
 of 2 x CP; the single-row layout holds the same tokens and images as one sequence, as HF gets
-them; per-GPU rates divide by the GPUs of the run."""
+them; per-GPU rates divide by the GPUs of the run, and the FLOPs run leave out the output layer
+on the tokens without loss."""
 
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def test_rates_are_per_gpu():
     assert result["tokens_per_s_per_gpu"] == 1000.0
     assert result["model_tflops_per_gpu"] == pytest.approx(flops / 4 / 1e12)
     assert result["mfu"] == pytest.approx(flops / (2.0 * 2 * 989e12))
+
+    assert "mfu_of_flops_run" not in result
+
+
+def test_flops_run_leave_out_the_output_layer_on_tokens_without_loss():
+    config = bench_config(4)
+    breakdown = training_flops(config, [1000, 3000], [], include_mtp=False)
+    result = rates({"step_seconds": 2.0}, config, [1000, 3000], [], 4000, 1, 989.0, 1000)
+    run = breakdown.total - breakdown.lm_head * 3 / 4
+    assert result["mfu"] == pytest.approx(breakdown.total / (2.0 * 989e12))
+    assert result["mfu_of_flops_run"] == pytest.approx(run / (2.0 * 989e12))
 
 
 def test_config_overrides_are_fields_of_the_named_config_with_literal_values():

@@ -101,7 +101,8 @@ class Qwen35LanguageModel(HybridModel):
         packed_seq_params: PackedSeqParams | None = None,
         padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """Per-token losses [B, S] when `labels` is given, else logits [B, S, V/TP].
+        """Per-token losses [B, S] when `labels` is given (0 where `loss_mask` is 0, when it is
+        given), else logits [B, S, V/TP].
 
         `decoder_input` is the embedded sequence with vision features already scattered in
         ([S, B, H], sequence-parallel sharded when SP is on). `position_ids` are the MRoPE ids:
@@ -151,10 +152,39 @@ class Qwen35LanguageModel(HybridModel):
                 packed_seq_params=packed_seq_params,
                 input_ids=input_ids,
             )
+        if labels is not None and loss_mask is not None and not self.config.sequence_parallel:
+            return self.losses_of_loss_tokens(hidden_states, labels, loss_mask, output_weight)
         logits, _ = self.output_layer(hidden_states, weight=output_weight)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
+
+    def losses_of_loss_tokens(
+        self,
+        hidden_states: Tensor,
+        labels: Tensor,
+        loss_mask: Tensor,
+        output_weight: Tensor | None,
+    ) -> Tensor:
+        """Per-token losses [B, S] with the output layer and cross entropy run only on the
+        tokens whose loss mask is nonzero; the others get 0, which the masked loss sum ignores.
+
+        The vocabulary projection is the step's largest GEMM, and a prompt's, image's or
+        padding's tokens take no loss, so their logits are never needed. Selecting the rows
+        costs one host synchronisation (their count). Sequence parallelism keeps the full
+        projection: its output layer gathers equal sequence shards from every TP rank.
+        """
+        seq_length, batch_size = hidden_states.shape[:2]
+        rows = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)  # into [S * B]
+        if rows.numel() == 0:  # the output layer must still take part in backward
+            logits, _ = self.output_layer(hidden_states, weight=output_weight)
+            return self.compute_language_model_loss(labels, logits)
+        selected = hidden_states.reshape(seq_length * batch_size, 1, -1).index_select(0, rows)
+        logits, _ = self.output_layer(selected, weight=output_weight)
+        selected_labels = labels.transpose(0, 1).reshape(1, -1).index_select(1, rows)
+        losses = self.compute_language_model_loss(selected_labels, logits).view(-1)
+        every_token = losses.new_zeros(seq_length * batch_size).index_copy(0, rows, losses)
+        return every_token.view(seq_length, batch_size).transpose(0, 1).contiguous()
 
 
 class Qwen35VLModel(MegatronModule):

@@ -330,9 +330,12 @@ def hf_side(config, samples, warmup: int, iters: int, checkpointing: bool = Fals
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     joined = joined_sample(samples)
     ids = joined["input_ids"].unsqueeze(0).cuda()
+    # The pack's supervised tokens as HF's targets (HF shifts them itself): the loss our side
+    # takes. HF still projects every position onto the vocabulary.
+    labels = ids.masked_fill(~joined["supervised"].unsqueeze(0).cuda(), -100)
     inputs = dict(
         input_ids=ids,
-        labels=ids.clone(),
+        labels=labels,
         mm_token_type_ids=(ids == config.image_token_id).int(),
         pixel_values=joined["pixel_values"].cuda(),
         image_grid_thw=joined["image_grid_thw"].cuda(),
@@ -471,6 +474,8 @@ def main() -> None:
         "device": device,
         "config": config.name,
         "tokens_per_step": tokens,
+        # Our output layer projects only these (models/qwen35_vl/model.py); HF projects all.
+        "loss_tokens_per_step": int(batch["loss_mask"].sum()),
         "peak": peak,
         "megatron_gpus": world,
         "megatron_cp": cp,
@@ -503,7 +508,9 @@ def main() -> None:
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
     # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
-    results["megatron"] = rates(measured, config, lengths, grids, tokens, cp, peak)
+    results["megatron"] = rates(
+        measured, config, lengths, grids, tokens, cp, peak, results["loss_tokens_per_step"]
+    )
     gc.collect()
     torch.cuda.empty_cache()
     if not args.skip_hf and rank == 0:
@@ -560,16 +567,32 @@ def cublaslt_version() -> int:
     return int(transformer_engine_torch.get_cublasLt_version())
 
 
-def rates(measured: dict, config, seqs, grids, tokens: int, gpus: int, peak: float) -> dict:
-    """tokens/s/GPU, model TFLOP/s/GPU and MFU of a measured step on `gpus` GPUs."""
-    flops = training_flops(config, seqs, grids, include_mtp=False).total
+def rates(
+    measured: dict,
+    config,
+    seqs,
+    grids,
+    tokens: int,
+    gpus: int,
+    peak: float,
+    loss_tokens: int | None = None,
+) -> dict:
+    """tokens/s/GPU, model TFLOP/s/GPU and MFU of a measured step on `gpus` GPUs. The model
+    FLOPs count the output layer on every token (megatron's and HF's convention); with
+    `loss_tokens`, also the MFU of the FLOPs run when the output layer projects only those."""
+    breakdown = training_flops(config, seqs, grids, include_mtp=False)
+    flops = breakdown.total
     seconds = measured["step_seconds"]
-    return {
+    result = {
         **measured,
         "tokens_per_s_per_gpu": tokens / seconds / gpus,
         "model_tflops_per_gpu": flops / seconds / gpus / 1e12,
         "mfu": mfu(flops, seconds, gpus, peak),
     }
+    if loss_tokens is not None:
+        skipped = breakdown.lm_head * (tokens - loss_tokens) / tokens
+        result["mfu_of_flops_run"] = mfu(flops - skipped, seconds, gpus, peak)
+    return result
 
 
 if __name__ == "__main__":
