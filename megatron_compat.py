@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,35 +219,77 @@ class SavedArgs(argparse.Namespace):
         return SavedArgs(**copy.deepcopy(vars(self), memo))
 
 
-def fuse_wgrad_accumulation_in_te_layers(model: Any, args: argparse.Namespace) -> int:
-    """Make every Transformer Engine layer of `model` accumulate its weight gradient straight into
-    megatron's fp32 `main_grad` (the wgrad GEMM adds in place) instead of returning a bf16
-    gradient that megatron DDP adds in a kernel of its own. megatron-core 0.19 ties this TE
-    setting to `--gradient-accumulation-fusion`, which its non-TE output layer refuses without
-    APEX's `fused_weight_gradient_mlp_cuda`, so without APEX every TE layer lost the fusion too
-    (the TE layers' adds are 142 of the 414 fp32 adds of a 9B-widths step). TE marks each fused
-    weight `grad_added_to_main_grad`, which megatron DDP reads to skip its add, so the output
-    layer keeps the unfused path. Training applies it in `pretrain_multimodal.model_provider`;
-    tests/test_wgrad_fusion.py checks the gradients against the unfused path on a GPU.
+def accumulate_wgrad_in_te_gemm(total_input: Any, grad_output: Any, main_grad: Any) -> None:
+    """`main_grad += grad_output^T @ total_input` in one Transformer Engine GEMM, accumulated in
+    `main_grad`'s dtype as TE's own layers do: what APEX's `fused_weight_gradient_mlp_cuda`
+    (`wgrad_gemm_accum_fp32` / `_fp16`, same arguments) gives megatron's non-TE linear layers."""
+    from transformer_engine.pytorch.cpp_extensions import general_gemm
 
-    Only under megatron DDP with the flag off (with it on, TE fuses already; Megatron-FSDP and
-    torch FSDP keep `main_grad` their own way). Returns the number of layers switched; 0 also when
-    megatron-core is not the version this was written for."""
+    general_gemm(
+        total_input,
+        grad_output,
+        out_dtype=main_grad.dtype,
+        accumulate=True,
+        layout="NT",
+        out=main_grad,
+        grad=True,
+    )
+
+
+def provide_wgrad_accumulation_without_apex() -> None:
+    """Give megatron's tensor-parallel layers APEX's weight-gradient accumulation kernels, made of
+    TE's GEMM, where APEX is not installed (its own kernels are kept where it is)."""
+    from megatron.core.tensor_parallel import layers
+
+    if not hasattr(layers, "fused_weight_gradient_mlp_cuda"):
+        layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+            wgrad_gemm_accum_fp32=accumulate_wgrad_in_te_gemm,
+            wgrad_gemm_accum_fp16=accumulate_wgrad_in_te_gemm,
+        )
+
+
+def fuse_wgrad_accumulation_into_main_grad(model: Any, args: argparse.Namespace) -> int:
+    """Make every linear layer of `model` accumulate its weight gradient straight into megatron's
+    fp32 `main_grad` (the wgrad GEMM adds in place) instead of returning a bf16 gradient that
+    megatron DDP adds in a kernel of its own (two fp32 passes over the weight: for the output
+    layer's 1B parameters at 9B widths, 2-3 ms per step on an H200). megatron-core 0.19 ties this
+    to `--gradient-accumulation-fusion`, which its non-TE layers (the output layer) refuse without
+    APEX's `fused_weight_gradient_mlp_cuda`; so the run script turns the flag off and this switches
+    the TE layers (their `fuse_wgrad_accumulation`) and megatron's own layers with an untied weight
+    (their `gradient_accumulation_fusion`, on TE's GEMM when APEX is absent:
+    `provide_wgrad_accumulation_without_apex`). Each marks its weight `grad_added_to_main_grad`,
+    which megatron DDP reads to skip its add. An output layer tied to the embedding keeps the add:
+    the embedding's own gradient of that weight still has to reach `main_grad` through it. Training
+    applies it in `pretrain_multimodal.model_provider`; tests/test_wgrad_fusion.py checks the
+    gradients against the unfused path on a GPU.
+
+    Only under megatron DDP with the flag off (with it on, megatron fuses already; Megatron-FSDP
+    and torch FSDP keep `main_grad` their own way). Returns the number of layers switched; 0 also
+    when megatron-core is not the version this was written for."""
     if args.gradient_accumulation_fusion or args.use_megatron_fsdp or args.use_torch_fsdp2:
         return 0
     version = installed_megatron_core_version()
     if not version.startswith(WRITTEN_FOR):
         warnings.warn(
-            "megatron_compat: not fusing TE weight-gradient accumulation, written for "
+            "megatron_compat: not fusing weight-gradient accumulation, written for "
             f"megatron-core {WRITTEN_FOR}x (installed {version}); check whether "
             "--gradient-accumulation-fusion still needs APEX there",
             stacklevel=2,
         )
         return 0
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
     switched = 0
     for module in model.modules():
         if isinstance(getattr(module, "fuse_wgrad_accumulation", None), bool):
             module.fuse_wgrad_accumulation = True
+            switched += 1
+        elif (
+            isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+            and module.weight is not None
+        ):
+            provide_wgrad_accumulation_without_apex()
+            module.gradient_accumulation_fusion = True
             switched += 1
     return switched
 

@@ -25,7 +25,7 @@ from arguments import (
     validate_multimodal_args,
 )
 from data.tokens import token_ids_from_args
-from megatron_compat import SavedArgs, fuse_wgrad_accumulation_in_te_layers
+from megatron_compat import SavedArgs, fuse_wgrad_accumulation_into_main_grad
 from models import get_model_spec
 from planner import dry_run_log_path, output_to, planning_device, print_dry_run_plan
 
@@ -68,7 +68,7 @@ def model_provider(
         vision_graph_patches=args.vision_cuda_graph_patches,
         vision_graph_images=args.vision_cuda_graph_images,
     )
-    fuse_wgrad_accumulation_in_te_layers(model, args)
+    fuse_wgrad_accumulation_into_main_grad(model, args)
     if args.expert_gemm == "torch":
         from grouped_gemm_experts import use_torch_grouped_gemm
 

@@ -288,12 +288,12 @@ def fuse_wgrad_accumulation(model: torch.nn.Module) -> int:
     """Training's TE weight-gradient fusion under megatron DDP; returns the layers switched."""
     import argparse
 
-    from megatron_compat import fuse_wgrad_accumulation_in_te_layers
+    from megatron_compat import fuse_wgrad_accumulation_into_main_grad
 
     ddp_args = argparse.Namespace(
         use_megatron_fsdp=False, use_torch_fsdp2=False, gradient_accumulation_fusion=False
     )
-    return fuse_wgrad_accumulation_in_te_layers(model, ddp_args)
+    return fuse_wgrad_accumulation_into_main_grad(model, ddp_args)
 
 
 def main_grads_after_micro_batches(

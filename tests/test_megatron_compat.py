@@ -149,13 +149,52 @@ def training_args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**{**settings, **overrides})
 
 
-def test_te_layers_fuse_wgrad_accumulation_under_ddp():
+def megatron_output_layer(tied: bool) -> torch.nn.Module:
+    """megatron's ColumnParallelLinear as the output layer holds it (no process groups needed to
+    test the switch): its own weight, or None when tied to the embedding."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    layer = ColumnParallelLinear.__new__(ColumnParallelLinear)
+    torch.nn.Module.__init__(layer)
+    layer.weight = None if tied else torch.nn.Parameter(torch.zeros(2, 2))
+    layer.gradient_accumulation_fusion = False
+    return layer
+
+
+def test_linear_layers_fuse_wgrad_accumulation_under_ddp(monkeypatch):
+    from megatron.core.tensor_parallel import layers
+
+    # As without APEX; undone afterwards, so the kernels installed below do not outlive the test.
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
+    monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda")
     model = torch.nn.Sequential(
-        LayerWithFusionSetting(), torch.nn.Linear(2, 2), LayerWithFusionSetting()
+        LayerWithFusionSetting(),
+        torch.nn.Linear(2, 2),
+        LayerWithFusionSetting(),
+        megatron_output_layer(tied=False),
+        megatron_output_layer(tied=True),
     )
-    assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 2
+    assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, training_args()) == 3
     assert model[0].fuse_wgrad_accumulation and model[2].fuse_wgrad_accumulation
-    assert not hasattr(model[1], "fuse_wgrad_accumulation")  # megatron's own layers keep their add
+    assert not hasattr(model[1], "fuse_wgrad_accumulation")  # a plain torch layer is left alone
+    assert model[3].gradient_accumulation_fusion
+    assert not model[4].gradient_accumulation_fusion  # tied: the embedding's gradient needs the add
+    # Without APEX megatron's layers get the accumulation kernels from TE's GEMM.
+    kernels = layers.fused_weight_gradient_mlp_cuda
+    assert kernels.wgrad_gemm_accum_fp32 is megatron_compat.accumulate_wgrad_in_te_gemm
+    assert kernels.wgrad_gemm_accum_fp16 is megatron_compat.accumulate_wgrad_in_te_gemm
+
+
+def test_apex_wgrad_kernels_are_kept(monkeypatch):
+    import types
+
+    from megatron.core.tensor_parallel import layers
+
+    apex = types.SimpleNamespace(wgrad_gemm_accum_fp32=None, wgrad_gemm_accum_fp16=None)
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", apex, raising=False)
+    model = torch.nn.Sequential(megatron_output_layer(tied=False))
+    assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, training_args()) == 1
+    assert layers.fused_weight_gradient_mlp_cuda is apex
 
 
 @pytest.mark.parametrize(
@@ -164,15 +203,15 @@ def test_te_layers_fuse_wgrad_accumulation_under_ddp():
 def test_te_wgrad_fusion_left_alone_outside_plain_ddp(setting):
     model = torch.nn.Sequential(LayerWithFusionSetting())
     args = training_args(**{setting: True})
-    assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, args) == 0
+    assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, args) == 0
     assert not model[0].fuse_wgrad_accumulation
 
 
 def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
     monkeypatch.setattr(megatron_compat, "installed_megatron_core_version", lambda: "0.20.0")
     model = torch.nn.Sequential(LayerWithFusionSetting())
-    with pytest.warns(UserWarning, match="not fusing TE weight-gradient accumulation"):
-        assert megatron_compat.fuse_wgrad_accumulation_in_te_layers(model, training_args()) == 0
+    with pytest.warns(UserWarning, match="not fusing weight-gradient accumulation"):
+        assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, training_args()) == 0
     assert not model[0].fuse_wgrad_accumulation
 
 

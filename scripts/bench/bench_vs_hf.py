@@ -23,14 +23,14 @@ the pack (data parallel for the dense weights, the experts split between the GPU
     python scripts/bench/bench_vs_hf.py --layers 8 --vision-cuda-graph  # VISION_CUDA_GRAPH=1
 
 Ours, set up as training is: megatron DDP with the distributed optimizer (fp32 master weights and
-grads, bf16 compute), TE layers accumulating their weight gradients into the fp32 grads in the GEMM
-(`--wgrad-fusion off`: megatron DDP adds them), TE's fused cross entropy, fla kernels, the
-launcher's MoE fusions (fused router and permutation, the stacked experts' grouped GEMM of
-EXPERT_GEMM=auto), packed THD (or, with --layout row, HF's single BSHD row). HF:
-`Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration` with its grouped_mm
-experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when installed); the pack is
-one 8192-token row there, as HF has no packed-sequence path for Qwen3.5. FLOPs come from
-models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
+grads, bf16 compute), every linear layer (the output layer too) accumulating its weight gradient
+into the fp32 grads in TE's GEMM (`--wgrad-fusion off`: megatron DDP adds them), TE's fused cross
+entropy, fla kernels, the launcher's MoE fusions (fused router and permutation, the stacked
+experts' grouped GEMM of EXPERT_GEMM=auto), packed THD (or, with --layout row, HF's single BSHD
+row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration` with its
+grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when installed);
+the pack is one 8192-token row there, as HF has no packed-sequence path for Qwen3.5. FLOPs come
+from models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def megatron_side(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forward_step import loss_func, partition_for_context_parallel, run_model, to_device
-    from megatron_compat import apply_patches, fuse_wgrad_accumulation_in_te_layers
+    from megatron_compat import apply_patches, fuse_wgrad_accumulation_into_main_grad
     from models.qwen35_vl.factory import build_model
 
     config_overrides = config_overrides or {}
@@ -215,7 +215,7 @@ def megatron_side(
         ddp = argparse.Namespace(
             gradient_accumulation_fusion=False, use_megatron_fsdp=False, use_torch_fsdp2=False
         )
-        fuse_wgrad_accumulation_in_te_layers(model, ddp)
+        fuse_wgrad_accumulation_into_main_grad(model, ddp)
     if expert_gemm == "torch" and config.text.is_moe:
         from grouped_gemm_experts import use_torch_grouped_gemm
 
@@ -358,8 +358,8 @@ def main() -> None:
         "--wgrad-fusion",
         choices=("te", "off"),
         default="te",
-        help="TE layers accumulate weight gradients in the GEMM (te, as training does) or "
-        "megatron adds them (off)",
+        help="the linear layers accumulate weight gradients in TE's GEMM (te, as training "
+        "does) or megatron adds them (off)",
     )
     parser.add_argument("--pack-tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
