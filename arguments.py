@@ -441,8 +441,10 @@ def validate_multimodal_args(args: argparse.Namespace) -> None:
 
 def check_vision_cuda_graph(args: argparse.Namespace) -> None:
     """The vision tower's CUDA graphs (VISION_CUDA_GRAPH=1): a budget, TE's RNG tracker, and the
-    one layout they were verified in (one GPU: tests/test_vision_cuda_graph.py). The model's
-    vision config refuses them with RECOMPUTE_VISION=1 (factory.vision_config)."""
+    layouts they were verified in (one GPU and data parallelism under megatron DDP:
+    tests/test_vision_cuda_graph.py on one and two GPUs; expert parallelism leaves the vision
+    tower data parallel). The model's vision config refuses them with RECOMPUTE_VISION=1
+    (factory.vision_config)."""
     patches, images = args.vision_cuda_graph_patches, args.vision_cuda_graph_images
     if patches == 0:
         return
@@ -456,10 +458,22 @@ def check_vision_cuda_graph(args: argparse.Namespace) -> None:
             "--vision-cuda-graph-patches needs --te-rng-tracker: TE's attention refuses CUDA "
             "graph capture under megatron's own RNG tracker (the run script adds it)"
         )
-    if args.world_size > 1:
+    unverified = [
+        f"{name}={size}"
+        for name, size in (
+            ("TP", args.tensor_model_parallel_size),
+            ("CP", args.context_parallel_size),
+            ("PP", args.pipeline_model_parallel_size),
+        )
+        if size > 1
+    ]
+    if getattr(args, "use_megatron_fsdp", False) or getattr(args, "use_torch_fsdp2", False):
+        unverified.append("FSDP=1")
+    if unverified:
         raise ValueError(
-            f"VISION_CUDA_GRAPH=1 is verified on one GPU only, and this run has "
-            f"{args.world_size}: set VISION_CUDA_GRAPH=0 for multi-GPU runs"
+            "VISION_CUDA_GRAPH=1 is verified on one GPU and with data or expert parallelism "
+            f"under megatron DDP only, and this run has {', '.join(unverified)}: set "
+            "VISION_CUDA_GRAPH=0 for it"
         )
 
 

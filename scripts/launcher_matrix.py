@@ -100,19 +100,28 @@ def feature_runs() -> list[Run]:
     checkpoint = os.path.join("{ckpt}", "proxy_det")
     checkpoint_tp2 = os.path.join("{ckpt}", "proxy_tp2_det")
     checkpoint_experts = os.path.join("{ckpt}", "moe_ep2_torch_experts_det")
+    # Mock samples give at most half of their 1,024 tokens (2,048 patches) to 1-3 images.
+    vision_graphs = {
+        "VISION_CUDA_GRAPH": "1",
+        "VISION_GRAPH_PATCHES": "2048",
+        "VISION_GRAPH_IMAGES": "3",
+    }
     return [
         Run("proxy_recompute", {**proxy, "RECOMPUTE": "1"}, reference="proxy_1gpu"),
         Run("proxy_recompute_vision", {**proxy, "RECOMPUTE_VISION": "1"}, reference="proxy_1gpu"),
-        # Mock samples give at most half of their 1,024 tokens (2,048 patches) to 1-3 images.
+        Run("proxy_vision_cuda_graph", {**proxy, **vision_graphs}, reference="proxy_1gpu"),
+        # The graphs under data parallelism (2 ranks) and with the MoE's expert parallelism.
         Run(
-            "proxy_vision_cuda_graph",
-            {
-                **proxy,
-                "VISION_CUDA_GRAPH": "1",
-                "VISION_GRAPH_PATCHES": "2048",
-                "VISION_GRAPH_IMAGES": "3",
-            },
+            "proxy_dp2_vision_cuda_graph",
+            {**proxy, **vision_graphs},
+            gpus=2,
             reference="proxy_1gpu",
+        ),
+        Run(
+            "moe_ep2_vision_cuda_graph_packed",
+            {"MODEL_VARIANT": "proxy-moe", "EP": "2", "PACKED": "1", **vision_graphs},
+            gpus=2,
+            reference="moe_1gpu",
         ),
         Run("proxy_mtp0", {**proxy, "MTP_NUM_LAYERS": "0"}, reference="proxy_1gpu"),
         Run("proxy_mtp2", {**proxy, "MTP_NUM_LAYERS": "2"}, reference="proxy_1gpu"),

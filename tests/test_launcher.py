@@ -150,6 +150,18 @@ def test_vision_cuda_graph_reaches_megatron_with_te_rng_tracker(tmp_path):
     out = assert_ok(dry_run(tmp_path, VISION_CUDA_GRAPH="1", VISION_GRAPH_PATCHES="4096"))
     assert "--vision-cuda-graph-patches 4096 --vision-cuda-graph-images 16 --te-rng-tracker" in out
     assert "--vision-cuda-graph" not in assert_ok(dry_run(tmp_path))
+    graphs = {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096"}
+    # Data and expert parallelism keep the graphs (verified on two GPUs); TP, CP, PP, FSDP do not.
+    for knobs in (
+        {"GPUS_PER_NODE": "2"},
+        {"MODEL_VARIANT": "proxy-moe", "EP": "2", "GPUS_PER_NODE": "2"},
+    ):
+        parallel = assert_ok(dry_run(tmp_path, **graphs, **knobs))
+        assert "--vision-cuda-graph-patches 4096" in parallel
+    for knobs in ({"TP": "2"}, {"FSDP": "1"}):
+        assert_fails(
+            dry_run(tmp_path, **graphs, GPUS_PER_NODE="2", **knobs), "set VISION_CUDA_GRAPH=0"
+        )
 
 
 def test_vision_cuda_graph_needs_te_rng_tracker():
@@ -241,8 +253,13 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         ({"TRAIN_ITERS": "5"}, ["WARMUP_ITERS=10 must be below TRAIN_ITERS=5"]),
         ({"VISION_CUDA_GRAPH": "1"}, ["VISION_CUDA_GRAPH=1 needs VISION_GRAPH_PATCHES"]),
         (
-            {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096", "GPUS_PER_NODE": "2"},
-            ["VISION_CUDA_GRAPH=1 is verified on one GPU only", "this run has 2"],
+            {
+                "VISION_CUDA_GRAPH": "1",
+                "VISION_GRAPH_PATCHES": "4096",
+                "CP": "2",
+                "GPUS_PER_NODE": "2",
+            },
+            ["VISION_CUDA_GRAPH=1 is verified on one GPU and with data or expert", "CP=2"],
         ),
         (
             {"VISION_CUDA_GRAPH": "1", "VISION_GRAPH_PATCHES": "4096", "RECOMPUTE_VISION": "1"},
@@ -270,7 +287,7 @@ def test_allgather_context_parallelism_uses_te_spelling(tmp_path):
         "ep-not-dividing-world",
         "warmup-beyond-schedule",
         "vision-graph-without-budget",
-        "vision-graph-on-two-gpus",
+        "vision-graph-with-cp",
         "vision-graph-with-recompute",
         "vision-graph-qwen3-vl",
     ],

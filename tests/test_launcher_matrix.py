@@ -43,7 +43,11 @@ def test_run_list_covers_the_documented_configurations():
     assert {"moe_ep2", "moe_cp2_ep2", "proxy_det_again", "proxy_det_resume10"} <= names
     assert {"proxy_tp2_det_resume10", "proxy_profile_torch", "proxy_cord_packed"} <= names
     assert {"proxy_recompute", "proxy_recompute_vision", "proxy_mtp0", "proxy_mtp2"} <= names
-    assert "proxy_vision_cuda_graph" in names
+    assert {
+        "proxy_vision_cuda_graph",
+        "proxy_dp2_vision_cuda_graph",
+        "moe_ep2_vision_cuda_graph_packed",
+    } <= names
     assert {"moe_torch_experts", "moe_ep2_torch_experts_packed"} <= names
     qwen3_vl = {"1gpu", "1gpu_packed", "cp2_p2p_packed", "tp2_packed", "moe_ep2_packed"}
     assert {f"qwen3vl_{layout}" for layout in qwen3_vl} <= names

@@ -1,6 +1,7 @@
 """The vision tower's layers as CUDA graphs (VISION_CUDA_GRAPH=1) against the eager tower (GPU).
 
     torchrun --nproc-per-node 1 tests/test_vision_cuda_graph.py
+    torchrun --nproc-per-node 2 tests/test_vision_cuda_graph.py   # data parallel 2
 
 The tiny model is built twice from the same weights under megatron DDP with TE's fused weight-
 gradient accumulation, as training runs: eagerly, and with a vision `PatchBudget` (megatron-core's
@@ -11,13 +12,16 @@ captured once on inputs padded to the budget. Each micro-batch's loss and every 
 `main_grad` must agree with the eager build's. The graphed layers see 512 padded rows where the
 eager ones see each batch's own count, so GEMM tilings differ: they may differ by one bf16
 rounding, 2^-8 relative (a replay that skipped or repeated a weight gradient, or read another
-micro-batch's images, differs by far more).
+micro-batch's images, differs by far more). Under data parallelism each rank takes its own samples
+(the seeds shifted by rank), so a gradient that missed DDP's reduction differs too.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,16 +48,17 @@ FOUR_MICRO_BATCHES = [
 ]
 
 
-def compare() -> list[Check]:
+def compare(rank: int) -> list[Check]:
     config = tiny_config()
-    eager = main_grads_after_micro_batches(
-        config, None, fuse_wgrad_accumulation, FOUR_MICRO_BATCHES
-    )
+    samples = [
+        (seed + 1000 * rank, lengths, images) for seed, lengths, images in FOUR_MICRO_BATCHES
+    ]
+    eager = main_grads_after_micro_batches(config, None, fuse_wgrad_accumulation, samples)
     graphed = main_grads_after_micro_batches(
         config,
         eager["initial"],
         fuse_wgrad_accumulation,
-        FOUR_MICRO_BATCHES,
+        samples,
         vision_graph=dict(vision_graph_patches=512, vision_graph_images=4),
         overlap_grad_reduce=True,
     )
@@ -101,14 +106,14 @@ def compare() -> list[Check]:
 
 
 def main() -> int:
-    init_distributed()
-    checks = run_section("vision CUDA graphs", compare)
+    rank, world = init_distributed()
+    checks = run_section(f"vision CUDA graphs, data parallel {world}", lambda: compare(rank))
     return 0 if print_table("vision tower as CUDA graphs vs eager", checks) else 1
 
 
 @needs_cuda
 def test_vision_cuda_graph():
-    run_with_torchrun(__file__)
+    run_with_torchrun(__file__, min(torch.cuda.device_count(), 2))
 
 
 if __name__ == "__main__":
