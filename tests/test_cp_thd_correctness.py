@@ -2,12 +2,13 @@
 
     torchrun --nproc-per-node 2 tests/test_cp_thd_correctness.py
 
-One process group runs CP=1, then CP=N (megatron's groups rebuilt between phases, weights pinned
-from one state dict, inputs from seeded generators): the proxy model with images, B=2, unequal
-sequence lengths, bf16. Losses are per-token means (sum of losses and of tokens all-reduced over
-CP); gradients are summed over CP, as megatron's DDP does over its data x context group. Also:
-BSHD and THD losses at CP=1 on equal-length sequences, and a THD pack of 3 sequences against each
-sequence alone. MTP is off here (its loss enters through megatron's training-loop scaling).
+One process group runs CP=1, then CP=N (megatron's groups rebuilt between phases, rank 0's weights
+on every rank, pinned from one state dict, inputs from seeded generators): the proxy model with
+images, B=2, unequal sequence lengths, bf16. Losses are per-token means (sum of losses and of
+tokens all-reduced over CP); gradients are summed over CP, as megatron's DDP does over its data x
+context group. Also: BSHD and THD losses at CP=1 on equal-length sequences, and a THD pack of 3
+sequences against each sequence alone. MTP is off here (its loss enters through megatron's
+training-loop scaling).
 
 Tolerances (bf16): loss relative difference <= 1e-3 and grad-norm relative difference <= 1e-2 —
 CP changes the reduction order of attention (ring/p2p partial softmax) and of the Gated DeltaNet
@@ -99,6 +100,13 @@ def main() -> int:
 
     set_model_parallel(cp=1)
     model = build_megatron(config, torch.bfloat16)
+    # The vision tower's patch and position embeddings are plain torch layers initialised from
+    # torch's CPU generator, which megatron's seeding of the CUDA generators leaves alone (training
+    # seeds it alike on every rank); every rank takes rank 0's weights, or the CP ranks would run
+    # different vision towers.
+    for tensor in model.state_dict().values():
+        if torch.is_tensor(tensor) and tensor.is_cuda:  # TE's extra state is host bytes
+            dist.broadcast(tensor, src=0)
     # TE keeps `_extra_state` entries that are None (TE 2.20) or bytes: only tensors are cloned.
     pinned = {
         k: v.detach().clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()
