@@ -161,12 +161,18 @@ def megatron_output_layer(tied: bool) -> torch.nn.Module:
     return layer
 
 
-def test_linear_layers_fuse_wgrad_accumulation_under_ddp(monkeypatch):
+def without_apex(monkeypatch):
+    """megatron's tensor-parallel layers module as without APEX's kernels; undone after the test,
+    so the kernels the fusion installs there do not outlive it. Returns the module."""
     from megatron.core.tensor_parallel import layers
 
-    # As without APEX; undone afterwards, so the kernels installed below do not outlive the test.
     monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
     monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda")
+    return layers
+
+
+def test_linear_layers_fuse_wgrad_accumulation_under_ddp(monkeypatch):
+    layers = without_apex(monkeypatch)
     model = torch.nn.Sequential(
         LayerWithFusionSetting(),
         torch.nn.Linear(2, 2),
@@ -236,11 +242,14 @@ def provide_model(monkeypatch, built: torch.nn.Module, **settings) -> torch.nn.M
     return pretrain_multimodal.model_provider(config=object(), pg_collection=object())
 
 
-def test_training_model_provider_fuses_te_wgrad_accumulation(monkeypatch):
-    """The fusion stays on in training: model_provider switches the built model's TE layers."""
-    built = torch.nn.Sequential(LayerWithFusionSetting())
+def test_training_model_provider_fuses_wgrad_accumulation(monkeypatch):
+    """The fusion stays on in training: model_provider switches the built model's TE layers and
+    megatron's own output layer."""
+    without_apex(monkeypatch)
+    built = torch.nn.Sequential(LayerWithFusionSetting(), megatron_output_layer(tied=False))
     model = provide_model(monkeypatch, built, expert_gemm="te")
     assert model is built and model[0].fuse_wgrad_accumulation
+    assert model[1].gradient_accumulation_fusion
 
 
 def test_training_model_provider_passes_the_vision_graph_budget(monkeypatch):
