@@ -251,8 +251,9 @@ def provide_wgrad_accumulation_without_apex() -> None:
 def fuse_wgrad_accumulation_into_main_grad(model: Any, args: argparse.Namespace) -> int:
     """Make every linear layer of `model` accumulate its weight gradient straight into megatron's
     fp32 `main_grad` (the wgrad GEMM adds in place) instead of returning a bf16 gradient that
-    megatron DDP adds in a kernel of its own (two fp32 passes over the weight: for the output
-    layer's 1B parameters at 9B widths, 2-3 ms per step on an H200). megatron-core 0.19 ties this
+    megatron DDP adds in a kernel of its own (at 9B widths on an H200 the output layer's add over
+    its 1.02B fp32 gradients took 4 ms per step, its GEMM writing fp32 costs 2 ms more than in
+    bf16; docs/results.md). megatron-core 0.19 ties this
     to `--gradient-accumulation-fusion`, which its non-TE layers (the output layer) refuse without
     APEX's `fused_weight_gradient_mlp_cuda`; so the run script turns the flag off and this switches
     the TE layers (their `fuse_wgrad_accumulation`) and megatron's own layers with an untied weight
