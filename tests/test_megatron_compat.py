@@ -6,6 +6,7 @@ products bit for bit), the training hooks, and the version guard of every patch.
 from __future__ import annotations
 
 import argparse
+import types
 
 import pytest
 import torch
@@ -313,3 +314,128 @@ def test_te_cross_entropy_refused_with_an_older_transformer_engine(monkeypatch):
         megatron_compat.require_fixed_te_cross_entropy()
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.20.2")
     megatron_compat.require_fixed_te_cross_entropy()
+
+
+class DistributedOptimizerStandIn:
+    """What megatron's ChainedOptimizer.step asks of a distributed optimizer, on the CPU: fp32
+    parameters whose main gradients are views of one DDP-like buffer; its step records them."""
+
+    def __init__(self, grads: torch.Tensor, clip_grad: float) -> None:
+        self.config = types.SimpleNamespace(
+            clip_grad=clip_grad,
+            use_precision_aware_optimizer=False,
+            use_precision_aware_optimizer_no_fp8_or_ds_fp8=False,
+            log_num_zeros_in_grad=False,
+            grad_norm_skip_threshold=float("inf"),
+            reuse_grad_buf_for_mxfp8_param_ag=False,
+            overlap_param_gather_with_optimizer_step=False,
+            timers=None,
+        )
+        self.grad_scaler = None
+        self.buffers = [types.SimpleNamespace(grad_data=grads, extra_main_grads=[])]
+        self.parameters = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 11, 4)]
+        self.stepped_with = None
+
+    def prepare_grads(self) -> bool:
+        pieces = self.buffers[0].grad_data.split((5, 11, 4))
+        for param, grad in zip(self.parameters, pieces, strict=True):
+            param.grad = grad
+        return False
+
+    def get_parameters(self) -> list[torch.nn.Parameter]:
+        return self.parameters
+
+    def get_grad_norm(self):
+        from megatron.core.optimizer import optimizer as megatron_optimizer
+
+        grads = [param.grad for param in self.parameters]
+        return megatron_optimizer.get_grad_norm_fp32(grads, grad_stats_parallel_group=None)
+
+    def has_grad_norm_group(self, group: str) -> bool:
+        return False
+
+    def get_grad_stats_parallel_group(self):
+        return None
+
+    def step_with_ready_grads(self) -> bool:
+        self.stepped_with = self.buffers[0].grad_data.clone()
+        return True
+
+
+def l2_norm_on_the_cpu(grads, norm_type=2, grad_stats_parallel_group=None) -> float:
+    """megatron's fp32 gradient norm without TE (a Python float), for one CPU process."""
+    return float(torch.stack([grad.double().norm() for grad in grads]).norm())
+
+
+def clip_on_the_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """megatron's clipping by a Python-float norm (its path without TE), on CPU tensors."""
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0:
+        for param in parameters:
+            param.grad.mul_(coefficient)
+
+
+def stand_in_for_megatron_on_the_cpu(monkeypatch) -> None:
+    """The fold patched in, megatron's CUDA-only norm and clipping under it replaced."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    megatron_compat.scale_gradients_in_a_vectorised_kernel()
+    megatron_compat.fold_token_scaling_into_gradient_clipping()
+    monkeypatch.setattr(megatron_optimizer.get_grad_norm_fp32, "megatron", l2_norm_on_the_cpu)
+    monkeypatch.setattr(
+        megatron_optimizer.clip_grad_by_total_norm_fp32, "megatron", clip_on_the_cpu
+    )
+
+
+@pytest.mark.parametrize("clip_grad", [1.0, 1e9])  # clipping, and a bound the norm stays under
+def test_token_scaling_folded_into_the_clipping(monkeypatch, clip_grad):
+    """From the second step on, the per-token scaling waits for the clipping and both happen in
+    one multiply: the gradients the optimizer steps with, and the norm it reports, are megatron's
+    two-pass results to within two fp32 roundings; the first step is megatron's exactly."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    stand_in_for_megatron_on_the_cpu(monkeypatch)
+    raw = torch.randn(20, generator=torch.Generator().manual_seed(5)) * 300
+    scaling = 1.0 / torch.tensor([4093.0])
+    scaled = raw * scaling
+    norm = l2_norm_on_the_cpu([scaled])
+    expected = scaled * min(1.0, clip_grad / (norm + 1e-6))
+    part = DistributedOptimizerStandIn(raw.clone(), clip_grad)
+    optimizer = ChainedOptimizer([part])
+    buffer = part.buffers[0]
+    for step in range(3):
+        buffer.grad_data.copy_(raw)
+        _ParamAndGradBuffer.scale_gradients(buffer, scaling)  # finalize_model_grads' call
+        deferred = step > 0
+        assert torch.equal(buffer.grad_data, raw if deferred else scaled)
+        _, grad_norm, _ = optimizer.step()
+        if deferred:
+            assert part.stepped_with == pytest.approx(expected, rel=2.5e-7, abs=0)
+            assert grad_norm == pytest.approx(norm, rel=2.5e-7)
+        else:
+            assert torch.equal(part.stepped_with, expected)
+            assert grad_norm == norm
+        assert buffer.folds_token_scaling and buffer.deferred_scaling is None
+
+
+def test_token_scaling_applied_at_once_where_it_cannot_fold(monkeypatch):
+    """No clipping: the deferred scaling is applied before the step, as megatron does; a second
+    scaling before a step applies the first."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    stand_in_for_megatron_on_the_cpu(monkeypatch)
+    raw, scaling = torch.randn(20) * 300, 1.0 / torch.tensor([4093.0])
+    part = DistributedOptimizerStandIn(raw.clone(), clip_grad=0.0)
+    buffer = part.buffers[0]
+    buffer.folds_token_scaling = True  # as after a step that could fold
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    ChainedOptimizer([part]).step()
+    assert torch.equal(part.stepped_with, raw * scaling)
+    assert not buffer.folds_token_scaling
+    buffer.folds_token_scaling = True
+    buffer.grad_data.copy_(raw)
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    assert torch.equal(buffer.grad_data, raw * scaling) and buffer.deferred_scaling is scaling
