@@ -151,6 +151,7 @@ def megatron_side(
     profile_python: bool = False,
     ep: int = 1,
     vision_cuda_graph: bool = False,
+    fold_token_scaling: bool = True,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition), under EP each rank its own copy of it; the step is timed on every rank."""
@@ -166,11 +167,17 @@ def megatron_side(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forward_step import loss_func, partition_for_context_parallel, run_model, to_device
-    from megatron_compat import apply_patches, fuse_wgrad_accumulation_into_main_grad
+    from megatron_compat import (
+        PATCHES,
+        apply_patches,
+        fold_token_scaling_into_gradient_clipping,
+        fuse_wgrad_accumulation_into_main_grad,
+    )
     from models.qwen35_vl.factory import build_model
 
     config_overrides = config_overrides or {}
-    apply_patches()
+    skipped = () if fold_token_scaling else (fold_token_scaling_into_gradient_clipping,)
+    apply_patches(tuple(p for p in PATCHES if p.apply not in skipped))
     parallel_state.initialize_model_parallel(
         context_parallel_size=cp, expert_model_parallel_size=ep
     )
@@ -260,6 +267,8 @@ def megatron_side(
 
     seconds = time_steps(step, warmup, iters)
     memory = torch.cuda.max_memory_allocated() / 2**30
+    # Whether the timed steps ran the fold (megatron_compat refuses it where it cannot hold).
+    folded = all(getattr(buffer, "folds_token_scaling", False) for buffer in model.buffers)
     vision = model.module.module.vision
     vision_inputs = gpu_batch["vision"]
 
@@ -282,6 +291,7 @@ def megatron_side(
         "max_memory_gib": memory,
         "vision_seconds": vision_seconds,
         "vision_graph_budget": graph_budget,
+        "token_scaling_folded": folded,
     }
 
 
@@ -360,6 +370,13 @@ def main() -> None:
         default="te",
         help="the linear layers accumulate weight gradients in TE's GEMM (te, as training "
         "does) or megatron adds them (off)",
+    )
+    parser.add_argument(
+        "--token-scaling",
+        choices=("fold", "megatron"),
+        default="fold",
+        help="the 1 / tokens gradient scaling folded into the clipping (fold, as training "
+        "does) or applied by megatron's finalize_model_grads before it (megatron)",
     )
     parser.add_argument("--pack-tokens", type=int, default=8192)
     parser.add_argument("--warmup", type=int, default=3)
@@ -482,6 +499,7 @@ def main() -> None:
         "megatron_ep": ep,
         "megatron_layout": args.layout,
         "megatron_wgrad_fusion": args.wgrad_fusion,
+        "megatron_token_scaling": args.token_scaling,
         "megatron_config": {k: repr(v) for k, v in config_overrides["model"].items()},
         "megatron_optimizer_config": {k: repr(v) for k, v in config_overrides["optimizer"].items()},
         "megatron_expert_gemm": args.expert_gemm if config.text.is_moe else None,
@@ -505,6 +523,7 @@ def main() -> None:
         profile_python=args.profile_python,
         ep=ep,
         vision_cuda_graph=args.vision_cuda_graph,
+        fold_token_scaling=args.token_scaling == "fold",
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
     # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
