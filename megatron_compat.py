@@ -237,10 +237,13 @@ def fold_token_scaling_into_gradient_clipping() -> None:
     its one pass. The result may differ from megatron's two roundings by an fp32 rounding or two
     (tests/test_megatron_compat.py, tests/test_token_scaling_fold.py on a GPU).
 
-    A buffer defers only after its ChainedOptimizer has stepped once with the fold possible
-    (`can_fold_token_scaling`), so a model whose gradients are read without an optimizer step
-    keeps megatron's order. A step that finds scalings it cannot fold, or a second scaling
-    before a step, applies them at once, as megatron does."""
+    A ChainedOptimizer decides when it is built (`can_fold_token_scaling`) and marks the DDP
+    buffers it steps, so every step folds alike, the first too and the first after a checkpoint
+    resume (a resumed run repeats the saved one bit for bit). A step that finds scalings it
+    cannot fold, or a second scaling before a step, applies them at once, as megatron does;
+    zeroing a buffer drops its pending scaling. Code that reads the gradients after
+    `finalize_model_grads` without the optimizer's step sees them unscaled.
+    """
     import torch
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer import clip_grads
@@ -250,8 +253,28 @@ def fold_token_scaling_into_gradient_clipping() -> None:
     if getattr(chained.step, "folds_token_scaling", False):
         return
     scale_now = _ParamAndGradBuffer.scale_gradients
+    reset_buffer = _ParamAndGradBuffer.reset
+    chained_init = chained.__init__
     chained_step = chained.step
     step_under_way = {"scaling": None}
+
+    def buffers_of(chained_optimizer) -> list:
+        return [
+            buffer
+            for part in chained_optimizer.chained_optimizers
+            if not getattr(part, "is_stub_optimizer", False)
+            for buffer in getattr(part, "buffers", ())
+        ]
+
+    def init(self, chained_optimizers) -> None:
+        chained_init(self, chained_optimizers)
+        foldable = can_fold_token_scaling(self)
+        for buffer in buffers_of(self):
+            buffer.folds_token_scaling = foldable
+
+    def reset(self) -> None:
+        self.deferred_scaling = None
+        reset_buffer(self)
 
     def scale_gradients(self, scaling) -> None:
         if not getattr(self, "folds_token_scaling", False) or not is_foldable_scaling(
@@ -265,12 +288,7 @@ def fold_token_scaling_into_gradient_clipping() -> None:
         return None
 
     def step(self):
-        buffers = [
-            buffer
-            for part in self.chained_optimizers
-            if not getattr(part, "is_stub_optimizer", False)
-            for buffer in getattr(part, "buffers", ())
-        ]
+        buffers = buffers_of(self)
         scalings = [getattr(buffer, "deferred_scaling", None) for buffer in buffers]
         for buffer in buffers:
             buffer.deferred_scaling = None
@@ -286,8 +304,6 @@ def fold_token_scaling_into_gradient_clipping() -> None:
             return chained_step(self)
         finally:
             step_under_way["scaling"] = None
-            for buffer in buffers:
-                buffer.folds_token_scaling = foldable
 
     def norm_of_scaled_gradients(grads_for_norm, *args, **kwargs):
         norm = norm_of_scaled_gradients.megatron(grads_for_norm, *args, **kwargs)
@@ -325,6 +341,8 @@ def fold_token_scaling_into_gradient_clipping() -> None:
     # Its eager path is the vectorised kernel's: applying that patch again must not wrap this.
     scale_gradients.vectorised = getattr(scale_now, "vectorised", False)
     _ParamAndGradBuffer.scale_gradients = scale_gradients
+    _ParamAndGradBuffer.reset = reset
+    chained.__init__ = init
     chained.step = step
     megatron_optimizer.get_grad_norm_fp32 = norm_of_scaled_gradients
     megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_scaled_gradients

@@ -389,9 +389,9 @@ def stand_in_for_megatron_on_the_cpu(monkeypatch) -> None:
 
 @pytest.mark.parametrize("clip_grad", [1.0, 1e9])  # clipping, and a bound the norm stays under
 def test_token_scaling_folded_into_the_clipping(monkeypatch, clip_grad):
-    """From the second step on, the per-token scaling waits for the clipping and both happen in
+    """From the first step on, the per-token scaling waits for the clipping and both happen in
     one multiply: the gradients the optimizer steps with, and the norm it reports, are megatron's
-    two-pass results to within two fp32 roundings; the first step is megatron's exactly."""
+    two-pass results to within two fp32 roundings."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer.optimizer import ChainedOptimizer
 
@@ -404,38 +404,55 @@ def test_token_scaling_folded_into_the_clipping(monkeypatch, clip_grad):
     part = DistributedOptimizerStandIn(raw.clone(), clip_grad)
     optimizer = ChainedOptimizer([part])
     buffer = part.buffers[0]
-    for step in range(3):
+    assert buffer.folds_token_scaling
+    for _ in range(3):
         buffer.grad_data.copy_(raw)
         _ParamAndGradBuffer.scale_gradients(buffer, scaling)  # finalize_model_grads' call
-        deferred = step > 0
-        assert torch.equal(buffer.grad_data, raw if deferred else scaled)
+        assert torch.equal(buffer.grad_data, raw) and buffer.deferred_scaling is scaling
         _, grad_norm, _ = optimizer.step()
-        if deferred:
-            assert part.stepped_with == pytest.approx(expected, rel=2.5e-7, abs=0)
-            assert grad_norm == pytest.approx(norm, rel=2.5e-7)
-        else:
-            assert torch.equal(part.stepped_with, expected)
-            assert grad_norm == norm
-        assert buffer.folds_token_scaling and buffer.deferred_scaling is None
+        assert part.stepped_with == pytest.approx(expected, rel=2.5e-7, abs=0)
+        assert grad_norm == pytest.approx(norm, rel=2.5e-7)
+        assert buffer.deferred_scaling is None
 
 
 def test_token_scaling_applied_at_once_where_it_cannot_fold(monkeypatch):
-    """No clipping: the deferred scaling is applied before the step, as megatron does; a second
-    scaling before a step applies the first."""
+    """An optimizer that does not clip leaves its buffers to megatron's order; a scaling that
+    waits for a step that cannot fold is applied before it, and a second scaling before a step
+    applies the first."""
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer.optimizer import ChainedOptimizer
 
     stand_in_for_megatron_on_the_cpu(monkeypatch)
     raw, scaling = torch.randn(20) * 300, 1.0 / torch.tensor([4093.0])
     part = DistributedOptimizerStandIn(raw.clone(), clip_grad=0.0)
+    optimizer = ChainedOptimizer([part])
     buffer = part.buffers[0]
-    buffer.folds_token_scaling = True  # as after a step that could fold
-    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
-    ChainedOptimizer([part]).step()
-    assert torch.equal(part.stepped_with, raw * scaling)
     assert not buffer.folds_token_scaling
-    buffer.folds_token_scaling = True
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    assert torch.equal(buffer.grad_data, raw * scaling)
+    buffer.grad_data.copy_(raw)
+    buffer.folds_token_scaling = True  # as if marked by an optimizer that could fold
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    optimizer.step()
+    assert torch.equal(part.stepped_with, raw * scaling)
     buffer.grad_data.copy_(raw)
     _ParamAndGradBuffer.scale_gradients(buffer, scaling)
     _ParamAndGradBuffer.scale_gradients(buffer, scaling)
     assert torch.equal(buffer.grad_data, raw * scaling) and buffer.deferred_scaling is scaling
+
+
+def test_zeroed_buffer_drops_its_pending_scaling(monkeypatch):
+    """Gradients zeroed before the step that would have scaled them: the next backward's
+    gradients are scaled once, by their own scaling."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    stand_in_for_megatron_on_the_cpu(monkeypatch)
+    raw, scaling = torch.randn(20) * 300, 1.0 / torch.tensor([4093.0])
+    part = DistributedOptimizerStandIn(raw.clone(), clip_grad=1e9)
+    ChainedOptimizer([part])
+    buffer = part.buffers[0]
+    _ParamAndGradBuffer.scale_gradients(buffer, scaling)
+    assert buffer.deferred_scaling is scaling
+    _ParamAndGradBuffer.reset(buffer)
+    assert buffer.deferred_scaling is None and not buffer.grad_data.any()
