@@ -7,13 +7,15 @@
 #   [STEPS="..."] scripts/run_gpu_checks.sh side_by_side             OUT_DIR   # STEPS (default:
 #     thd parity convert training) at once on one GPU (their timings are not performance figures)
 #   scripts/run_gpu_checks.sh cp|cp_curve|bench_cp|finetune_layouts  OUT_DIR   # two GPUs
+#   scripts/run_gpu_checks.sh fusions                                  OUT_DIR   # 1-2 GPUs: the
+#     speed-ups against megatron's own paths (output layer, wgrad, token scaling, vision graphs)
 #   scripts/run_gpu_checks.sh qwen3_vl                                 OUT_DIR   # two GPUs: the
 #     second model family's parity, import, fine-tunes (1 GPU, CP=2 THD) and export
 #   [MATRIX_JOBS=12] scripts/run_gpu_checks.sh matrix                 OUT_DIR   # 1-2 GPUs: every
 #     launcher configuration (scripts/launcher_matrix.py), runs side by side
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, experts, side_by_side, cp, cp_curve, bench_cp, finetune_layouts, qwen3_vl or matrix}
+STEP=${1:?step: parity, thd, training, cord, convert, finetune, bench, bench_row, experts, side_by_side, cp, cp_curve, bench_cp, finetune_layouts, qwen3_vl, fusions or matrix}
 OUT=$(realpath -m "${2:?output directory}")/$STEP
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -285,6 +287,17 @@ PY
   cp)
     timeout 560 torchrun --standalone --nproc-per-node 2 tests/test_cp_thd_correctness.py > "$OUT/cp.log" 2>&1
     table "$OUT/cp.log" ;;
+  fusions)
+    # Each speed-up of the training step against megatron's own path, on a tiny model.
+    for test in loss_token_output wgrad_fusion token_scaling_fold; do
+      timeout 200 torchrun --standalone --nproc-per-node 1 "tests/test_$test.py" > "$OUT/$test.log" 2>&1
+      table "$OUT/$test.log"
+    done
+    # Data parallel on two GPUs where there are two.
+    gpus=$(nvidia-smi -L | wc -l)
+    timeout 200 torchrun --standalone --nproc-per-node $(( gpus > 1 ? 2 : 1 )) \
+      tests/test_vision_cuda_graph.py > "$OUT/vision_cuda_graph.log" 2>&1
+    table "$OUT/vision_cuda_graph.log" ;;
   cp_curve)
     common=(MODEL_VARIANT=proxy PACKED=1 TRAIN_ITERS=30 SEQ_LEN=2048 GBS=8)
     train thd_cp1 "${common[@]}" GPUS_PER_NODE=1
