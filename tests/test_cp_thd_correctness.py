@@ -34,12 +34,14 @@ from tests.gpu_harness import (
     Check,
     build_megatron,
     collate,
+    group_norm,
     init_distributed,
     make_sample,
     needs_cuda,
     print_table,
     run_with_torchrun,
     set_model_parallel,
+    worst_relative_difference,
 )
 
 # Eight bf16 roundings (2^-8 each) of the whole gradient vector: CP reorders the attention and
@@ -78,7 +80,7 @@ def loss_and_gradients(model, cpu_batch, cp_group) -> tuple[float, dict[str, tor
 
 
 def norm(gradients: dict[str, torch.Tensor]) -> float:
-    return float(torch.stack([g.pow(2).sum() for g in gradients.values()]).sum().sqrt())
+    return float(group_norm(gradients, list(gradients)))
 
 
 def gradient_difference(
@@ -87,11 +89,8 @@ def gradient_difference(
     """|g - g_ref| / |g_ref| over all parameters, and the parameter that differs most."""
     assert gradients.keys() == reference.keys(), "CP changed which parameters get gradients"
     differences = {n: g - reference[n] for n, g in gradients.items()}
-    per_parameter = {
-        n: float(d.norm() / reference[n].norm().clamp_min(1e-30)) for n, d in differences.items()
-    }
-    worst = max(per_parameter, key=per_parameter.get)
-    return norm(differences) / norm(reference), f"{worst} {per_parameter[worst]:.2e}"
+    worst, error, _ = worst_relative_difference(gradients, reference)
+    return norm(differences) / norm(reference), f"{worst} {error:.2e}"
 
 
 def per_sequence_losses(model, cpu_batch) -> list[float]:
