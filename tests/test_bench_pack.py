@@ -66,6 +66,15 @@ def test_flops_run_leave_out_the_output_layer_on_tokens_without_loss():
     assert result["mfu_of_flops_run"] == pytest.approx(run / (2.0 * 989e12))
 
 
+def test_micro_batches_count_every_pass_over_the_pack():
+    config = bench_config(4)
+    one = rates({"step_seconds": 1.0}, config, [1000, 3000], [], 4000, 1, 989.0, 1000)
+    four = rates({"step_seconds": 4.0}, config, [1000, 3000], [], 4000, 1, 989.0, 1000, 4)
+    for key in ("tokens_per_s_per_gpu", "model_tflops_per_gpu", "mfu", "mfu_of_flops_run"):
+        assert four[key] == pytest.approx(one[key])
+    assert four["tokens_per_s_per_gpu"] == 4000.0
+
+
 def test_config_overrides_are_fields_of_the_named_config_with_literal_values():
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -21,6 +21,7 @@ the pack (data parallel for the dense weights, the experts split between the GPU
     python scripts/bench/bench_vs_hf.py --layers 8 \
         --optimizer-config use_precision_aware_optimizer=True   # a megatron optimizer setting
     python scripts/bench/bench_vs_hf.py --layers 8 --vision-cuda-graph  # VISION_CUDA_GRAPH=1
+    python scripts/bench/bench_vs_hf.py --model moe --layers 4 --micro-batches 4  # 4 packs a step
 
 Ours, set up as training is: megatron DDP with the distributed optimizer (fp32 master weights and
 grads, bf16 compute), every linear layer (the output layer too) accumulating its weight gradient
@@ -30,7 +31,9 @@ experts' grouped GEMM of EXPERT_GEMM=auto), packed THD (or, with --layout row, H
 row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration` with its
 grouped_mm experts) in pure bf16 with fused AdamW and sdpa attention (fla kernels when installed);
 the pack is one 8192-token row there, as HF has no packed-sequence path for Qwen3.5. FLOPs come
-from models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only).
+from models/qwen35_vl/flops.py (3 x forward; the MoE counts active experts only). A step is one
+optimizer step; with --micro-batches N both sides accumulate the gradients of N forward and
+backward passes over the pack before it, as training with a global batch of N packs does.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ def megatron_side(
     ep: int = 1,
     vision_cuda_graph: bool = False,
     fold_token_scaling: bool = True,
+    micro_batches: int = 1,
 ) -> dict:
     """Our training step; under CP each rank takes its share of the pack (forward_step's
     partition), under EP each rank its own copy of it; the step is timed on every rank."""
@@ -259,7 +263,7 @@ def megatron_side(
             forward_step_func=forward,
             data_iterator=iter(()),
             model=[model],
-            num_microbatches=1,
+            num_microbatches=micro_batches,
             seq_length=gpu_batch["input_ids"].shape[1],
             micro_batch_size=1,
         )
@@ -324,7 +328,9 @@ def profile_steps(step, profile_dir: str, steps: int = 3, with_stack: bool = Fal
     print(f"profile of {steps} megatron steps on rank 0 ({path}):\n{summary}", flush=True)
 
 
-def hf_side(config, samples, warmup: int, iters: int, checkpointing: bool = False) -> dict:
+def hf_side(
+    config, samples, warmup: int, iters: int, checkpointing: bool = False, micro_batches: int = 1
+) -> dict:
     from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
     hf_config = config.to_hf_config(attn_implementation="sdpa")
@@ -353,7 +359,8 @@ def hf_side(config, samples, warmup: int, iters: int, checkpointing: bool = Fals
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
+        for _ in range(micro_batches):
+            (model(**inputs).loss / micro_batches).backward()
         optimizer.step()
 
     seconds = time_steps(step, warmup, iters)
@@ -379,6 +386,14 @@ def main() -> None:
         "does) or applied by megatron's finalize_model_grads before it (megatron)",
     )
     parser.add_argument("--pack-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        metavar="N",
+        help="forward and backward passes over the pack per optimizer step, gradients "
+        "accumulated (training's GBS / MBS); tokens and FLOPs count all N",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true")
@@ -447,6 +462,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile_python and not args.profile:
         parser.error("--profile-python records stacks in a profile: add --profile DIR")
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches {args.micro_batches}: give 1 or more packs per step")
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -490,9 +507,10 @@ def main() -> None:
     results = {
         "device": device,
         "config": config.name,
-        "tokens_per_step": tokens,
+        "tokens_per_step": tokens * args.micro_batches,
+        "micro_batches": args.micro_batches,
         # Our output layer projects only these (models/qwen35_vl/model.py); HF projects all.
-        "loss_tokens_per_step": int(batch["loss_mask"].sum()),
+        "loss_tokens_per_step": int(batch["loss_mask"].sum()) * args.micro_batches,
         "peak": peak,
         "megatron_gpus": world,
         "megatron_cp": cp,
@@ -524,11 +542,13 @@ def main() -> None:
         ep=ep,
         vision_cuda_graph=args.vision_cuda_graph,
         fold_token_scaling=args.token_scaling == "fold",
+        micro_batches=args.micro_batches,
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
     # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
+    loss_tokens = int(batch["loss_mask"].sum())
     results["megatron"] = rates(
-        measured, config, lengths, grids, tokens, cp, peak, results["loss_tokens_per_step"]
+        measured, config, lengths, grids, tokens, cp, peak, loss_tokens, args.micro_batches
     )
     gc.collect()
     torch.cuda.empty_cache()
@@ -537,14 +557,21 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             measured = hf_side(
-                config, samples, args.warmup, args.iters, args.hf_activation_checkpointing
+                config,
+                samples,
+                args.warmup,
+                args.iters,
+                args.hf_activation_checkpointing,
+                args.micro_batches,
             )
-            results["hf"] = rates(measured, config, [tokens], grids, tokens, 1, peak)
+            results["hf"] = rates(
+                measured, config, [tokens], grids, tokens, 1, peak, None, args.micro_batches
+            )
             results["speedup_tokens_per_s"] = (
                 results["megatron"]["tokens_per_s_per_gpu"] / results["hf"]["tokens_per_s_per_gpu"]
             )
         except torch.cuda.OutOfMemoryError:
-            results["hf"] = {"error": f"out of memory at {tokens} tokens on one GPU"}
+            results["hf"] = {"error": f"out of memory on a {sum(lengths)}-token row on one GPU"}
     torch.distributed.barrier()
     if rank == 0:
         print(json.dumps(results), flush=True)
@@ -595,21 +622,23 @@ def rates(
     gpus: int,
     peak: float,
     loss_tokens: int | None = None,
+    micro_batches: int = 1,
 ) -> dict:
-    """tokens/s/GPU, model TFLOP/s/GPU and MFU of a measured step on `gpus` GPUs. The model
-    FLOPs count the output layer on every token (megatron's and HF's convention); with
+    """tokens/s/GPU, model TFLOP/s/GPU and MFU of a measured step on `gpus` GPUs, the step
+    being `micro_batches` passes over one pack of `seqs`, `grids`, `tokens` (and `loss_tokens`).
+    The model FLOPs count the output layer on every token (megatron's and HF's convention); with
     `loss_tokens`, also the MFU of the FLOPs run when the output layer projects only those."""
     breakdown = training_flops(config, seqs, grids, include_mtp=False)
-    flops = breakdown.total
+    flops = breakdown.total * micro_batches
     seconds = measured["step_seconds"]
     result = {
         **measured,
-        "tokens_per_s_per_gpu": tokens / seconds / gpus,
+        "tokens_per_s_per_gpu": tokens * micro_batches / seconds / gpus,
         "model_tflops_per_gpu": flops / seconds / gpus / 1e12,
         "mfu": mfu(flops, seconds, gpus, peak),
     }
     if loss_tokens is not None:
-        skipped = breakdown.lm_head * (tokens - loss_tokens) / tokens
+        skipped = breakdown.lm_head * (tokens - loss_tokens) / tokens * micro_batches
         result["mfu_of_flops_run"] = mfu(flops - skipped, seconds, gpus, peak)
     return result
 
