@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 WRITTEN_FOR = "0.19."
 
 
@@ -45,7 +47,6 @@ def count_moe_tokens_as_integers() -> None:
 
     seq_aux_loss divides by `topk x micro-batch size`, which is exact only for equal valid lengths;
     `arguments.validate_multimodal_args` refuses it with the fused router for that reason."""
-    import torch
     from megatron.core.transformer.moe import moe_utils, router
 
     original = moe_utils.get_tokens_per_expert_and_token_count
@@ -162,7 +163,6 @@ def scale_gradients_in_a_vectorised_kernel() -> None:
     0-dim tensor forms the same products (bitwise equal: tests/test_megatron_compat.py) in its
     vectorised multi-tensor kernel. Other scalings (a Python float, another dtype or device) keep
     megatron's path."""
-    import torch
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
 
     scale = _ParamAndGradBuffer.scale_gradients
@@ -190,8 +190,6 @@ def scale_gradients_in_a_vectorised_kernel() -> None:
 def is_foldable_scaling(scaling: Any, grads: Any) -> bool:
     """A scaling the per-token gradient passes can take as a device tensor: one fp32 element on
     the gradients' device (megatron's `1 / tokens`)."""
-    import torch
-
     return (
         torch.is_tensor(scaling)
         and scaling.numel() == 1
@@ -244,7 +242,6 @@ def fold_token_scaling_into_gradient_clipping() -> None:
     zeroing a buffer drops its pending scaling. Code that reads the gradients after
     `finalize_model_grads` without the optimizer's step sees them unscaled.
     """
-    import torch
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBuffer
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as megatron_optimizer
@@ -409,6 +406,61 @@ def provide_wgrad_accumulation_without_apex() -> None:
         )
 
 
+class EmbeddingGradientIntoMainGrad(torch.autograd.Function):
+    """`F.embedding(token_ids, weight)` whose backward adds each token's output gradient, in fp32,
+    to its row of the weight's fp32 `main_grad` (`index_add_`: only the looked-up rows are touched)
+    and marks the weight `grad_added_to_main_grad`, so that megatron DDP skips its add. Autograd's
+    own backward builds a bf16 gradient as large as the vocabulary (1.02B elements at 9B widths)
+    that megatron DDP then adds to `main_grad`: two passes over the whole table per step. Without
+    `main_grad` (no megatron DDP) the ordinary gradient is returned."""
+
+    @staticmethod
+    def forward(ctx, token_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(token_ids, weight)
+        return torch.nn.functional.embedding(token_ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        token_ids, weight = ctx.saved_tensors
+        main_grad = getattr(weight, "main_grad", None)
+        if main_grad is None:
+            grad = torch.ops.aten.embedding_dense_backward(
+                grad_output, token_ids, weight.shape[0], -1, False
+            )
+            return None, grad
+        rows = grad_output.reshape(-1, grad_output.shape[-1]).to(main_grad.dtype)
+        main_grad.index_add_(0, token_ids.reshape(-1), rows)
+        weight.grad_added_to_main_grad = True
+        # megatron DDP's hook runs only when autograd delivers a gradient, and ignores this one
+        # (uninitialised, as megatron's own fused linear layers return).
+        return None, torch.empty_like(weight)
+
+
+def embed_with_gradient_into_main_grad(self: Any, input_: torch.Tensor) -> torch.Tensor:
+    """megatron's `VocabParallelEmbedding.forward` for one tensor-parallel rank, without sequence
+    parallelism, outside its deterministic mode: the lookup alone, through
+    `EmbeddingGradientIntoMainGrad`."""
+    return EmbeddingGradientIntoMainGrad.apply(input_, self.weight)
+
+
+def can_embed_into_main_grad(embedding: Any) -> bool:
+    """Whether megatron's forward of this `VocabParallelEmbedding` is the plain lookup that
+    `embed_with_gradient_into_main_grad` replaces, and its weight is the embedding's alone.
+    megatron marks a weight shared with the output layer or with multi-token prediction's copy
+    (`LanguageModule.setup_embeddings_and_output_layer`): `zero_out_wgrad` on one pipeline stage,
+    where megatron DDP adds every gradient the weight receives, placeholders included;
+    `shared_embedding` across stages."""
+    weight = embedding.weight
+    return (
+        embedding.tp_group.size() == 1
+        and not embedding.reduce_scatter_embeddings
+        and not embedding.deterministic_mode
+        and getattr(embedding, "gtp_remat_size", 1) <= 1
+        and not getattr(weight, "zero_out_wgrad", False)
+        and not getattr(weight, "shared_embedding", False)
+    )
+
+
 def fuse_wgrad_accumulation_into_main_grad(model: Any, args: argparse.Namespace) -> int:
     """Make every linear layer of `model` accumulate its weight gradient straight into megatron's
     fp32 `main_grad` (the wgrad GEMM adds in place) instead of returning a bf16 gradient that
@@ -421,7 +473,11 @@ def fuse_wgrad_accumulation_into_main_grad(model: Any, args: argparse.Namespace)
     (their `gradient_accumulation_fusion`, on TE's GEMM when APEX is absent:
     `provide_wgrad_accumulation_without_apex`). Each marks its weight `grad_added_to_main_grad`,
     which megatron DDP reads to skip its add. An output layer tied to the embedding keeps the add:
-    the embedding's own gradient of that weight still has to reach `main_grad` through it. Training
+    the embedding's own gradient of that weight still has to reach `main_grad` through it. An
+    embedding on one tensor-parallel rank whose weight is its own (not tied to the output layer,
+    no multi-token prediction) adds its looked-up rows' gradients itself
+    (`EmbeddingGradientIntoMainGrad`; in megatron's deterministic mode it keeps megatron's lookup,
+    whose backward is deterministic). Training
     applies it in `pretrain_multimodal.model_provider`; tests/test_wgrad_fusion.py checks the
     gradients against the unfused path on a GPU.
 
@@ -439,11 +495,19 @@ def fuse_wgrad_accumulation_into_main_grad(model: Any, args: argparse.Namespace)
             stacklevel=2,
         )
         return 0
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
 
     switched = 0
     for module in model.modules():
-        if isinstance(getattr(module, "fuse_wgrad_accumulation", None), bool):
+        if isinstance(module, VocabParallelEmbedding):
+            if can_embed_into_main_grad(module):
+                module.forward = types.MethodType(embed_with_gradient_into_main_grad, module)
+                switched += 1
+        elif isinstance(getattr(module, "fuse_wgrad_accumulation", None), bool):
             module.fuse_wgrad_accumulation = True
             switched += 1
         elif (

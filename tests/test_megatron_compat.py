@@ -222,6 +222,68 @@ def test_te_wgrad_fusion_skipped_on_other_megatron_versions(monkeypatch):
     assert not model[0].fuse_wgrad_accumulation
 
 
+def megatron_embedding(**settings) -> torch.nn.Module:
+    """megatron's VocabParallelEmbedding on one tensor-parallel rank (16 tokens of width 8), built
+    on the CPU; `settings` are TransformerConfig fields."""
+    from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True, **settings
+    )
+    return VocabParallelEmbedding(
+        16, 8, init_method=torch.nn.init.normal_, config=config, tp_group=group()
+    )
+
+
+TOKENS = torch.tensor([[3, 5, 3, 0, 3, 15]])  # token 3 three times: its row sums three gradients
+
+
+def test_embedding_adds_its_gradient_to_main_grad():
+    fused, reference = megatron_embedding(), megatron_embedding()
+    reference.load_state_dict(fused.state_dict())
+    model = torch.nn.Sequential(fused)
+    assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, training_args()) == 1
+    grad_output = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    reference(TOKENS).backward(grad_output)
+    fused.weight.main_grad = torch.ones(16, 8)  # a previous micro-batch's gradient
+    fused.weight.grad_added_to_main_grad = False
+    output = fused(TOKENS)
+    torch.testing.assert_close(output, reference(TOKENS), rtol=0, atol=0)
+    output.backward(grad_output)
+    torch.testing.assert_close(fused.weight.main_grad, reference.weight.grad + 1.0)
+    assert fused.weight.grad_added_to_main_grad
+    assert fused.weight.grad.shape == fused.weight.shape  # megatron DDP's hook ignores it
+
+
+def test_embedding_without_main_grad_returns_the_ordinary_gradient():
+    fused, reference = megatron_embedding(), megatron_embedding()
+    reference.load_state_dict(fused.state_dict())
+    megatron_compat.fuse_wgrad_accumulation_into_main_grad(fused, training_args())
+    fused(TOKENS).sum().backward()
+    reference(TOKENS).sum().backward()
+    torch.testing.assert_close(fused.weight.grad, reference.weight.grad, rtol=0, atol=0)
+
+
+def shared_embedding(marking: str) -> torch.nn.Module:
+    """An embedding whose weight megatron marked as shared with the output layer or with
+    multi-token prediction: `zero_out_wgrad` on one pipeline stage, `shared_embedding` across."""
+    embedding = megatron_embedding()
+    setattr(embedding.weight, marking, True)
+    return embedding
+
+
+def test_embedding_keeps_megatrons_lookup_where_the_fusion_does_not_hold():
+    model = torch.nn.Sequential(
+        shared_embedding("zero_out_wgrad"),
+        shared_embedding("shared_embedding"),
+        megatron_embedding(deterministic_mode=True),
+    )
+    assert megatron_compat.fuse_wgrad_accumulation_into_main_grad(model, training_args()) == 0
+    for embedding in model:
+        assert "forward" not in vars(embedding)  # megatron's class forward
+
+
 def provide_model(monkeypatch, built: torch.nn.Module, **settings) -> torch.nn.Module:
     """pretrain_multimodal.model_provider on a stand-in spec that returns `built`."""
     import types

@@ -4,14 +4,18 @@
 
 `megatron_compat.fuse_wgrad_accumulation_into_main_grad` makes every TE layer, and megatron's own
 output layer (through TE's GEMM in place of APEX's kernel), add its weight gradient into the fp32
-`main_grad` inside the wgrad GEMM. The same tiny model (dense, and MoE for
+`main_grad` inside the wgrad GEMM, and the word embedding add its looked-up rows' gradients there
+(`EmbeddingGradientIntoMainGrad`). The same tiny model (dense, and MoE for
 TE's grouped expert GEMMs) is built twice from one seed under megatron DDP, once fused and once
 not, and takes the same two micro-batches (gradients accumulate across them). Every parameter's
 `main_grad` must agree: the unfused path rounds each micro-batch's weight gradient to bf16 before
 its fp32 add and the fused one does not, so they may differ by one bf16 rounding, 2^-8 = 3.9e-3
 relative (difference norm / gradient norm, per parameter); a gradient counted twice or lost
 differs by 1.0 or more. The layers must have been switched and must have marked their weights
-`grad_added_to_main_grad`, the output layer's among them (its gradient is also checked alone).
+`grad_added_to_main_grad`, the output layer's and the embedding's among them (their gradients
+are also checked alone; the unfused embedding rounds each row's sum to bf16 first). With
+multi-token prediction the embedding's weight is shared with MTP's copy (megatron marks it
+`zero_out_wgrad` and adds every gradient it receives), so there it must keep megatron's lookup.
 The second build loads the first one's weights.
 """
 
@@ -38,9 +42,9 @@ from tests.gpu_harness import (
 )
 
 
-def compare(moe: bool) -> list[Check]:
-    config = tiny_config(moe=moe)
-    label = "MoE" if moe else "dense"
+def compare(moe: bool, mtp_layers: int = 0) -> list[Check]:
+    config = tiny_config(moe=moe, mtp_layers=mtp_layers)
+    label = ("MoE" if moe else "dense") + (" with MTP" if mtp_layers else "")
     reference = main_grads_after_micro_batches(config, None, lambda model: 0, TWO_MICRO_BATCHES)
     fused = main_grads_after_micro_batches(
         config, reference["initial"], fuse_wgrad_accumulation, TWO_MICRO_BATCHES
@@ -49,12 +53,18 @@ def compare(moe: bool) -> list[Check]:
         fused["main_grads"], reference["main_grads"]
     )
     marked = fused["added_by_layer"]
-    output_marked = [name for name in marked if "output_layer" in name]
-    output_grads = [name for name in reference["main_grads"] if "output_layer" in name]
-    _, output_error, _ = worst_relative_difference(
-        {name: fused["main_grads"][name] for name in output_grads},
-        {name: reference["main_grads"][name] for name in output_grads},
-    )
+
+    def alone(layer: str) -> tuple[list[str], list[str], float]:
+        """The layer's weights marked as added, all its weights, and their worst error."""
+        names = [name for name in reference["main_grads"] if layer in name]
+        _, worst_error, _ = worst_relative_difference(
+            {name: fused["main_grads"][name] for name in names},
+            {name: reference["main_grads"][name] for name in names},
+        )
+        return [name for name in marked if layer in name], names, worst_error
+
+    output_marked, output_grads, output_error = alone("output_layer")
+    embedding_marked, embedding_grads, embedding_error = alone("word_embeddings")
     return [
         Check(f"{label}: layers switched to fused accumulation", fused["prepared"], 1, "", True),
         Check(
@@ -78,6 +88,20 @@ def compare(moe: bool) -> list[Check]:
             ", ".join(output_grads),
         ),
         Check(
+            f"{label}: word embedding's weight marked as added by its lookup"
+            + (" (must be none: shared with MTP)" if mtp_layers else ""),
+            len(embedding_marked),
+            0 if mtp_layers else 1,
+            ", ".join(embedding_marked) or "none",
+            not mtp_layers,
+        ),
+        Check(
+            f"{label}: word embedding's main_grad fused vs unfused, rel",
+            embedding_error,
+            BF16_ROUNDING,
+            ", ".join(embedding_grads),
+        ),
+        Check(
             f"{label}: main_grad fused vs unfused, worst parameter, rel",
             error,
             BF16_ROUNDING,
@@ -90,6 +114,7 @@ def main() -> int:
     init_distributed()
     checks = run_section("dense", lambda: compare(moe=False))
     checks += run_section("MoE", lambda: compare(moe=True))
+    checks += run_section("dense with MTP", lambda: compare(moe=False, mtp_layers=1))
     return 0 if print_table("TE fused weight-gradient accumulation", checks) else 1
 
 
