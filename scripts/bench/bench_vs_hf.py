@@ -25,7 +25,8 @@ the pack (data parallel for the dense weights, the experts split between the GPU
 
 Ours, set up as training is: megatron DDP with the distributed optimizer (fp32 master weights and
 grads, bf16 compute), every linear layer (the output layer too) accumulating its weight gradient
-into the fp32 grads in TE's GEMM (`--wgrad-fusion off`: megatron DDP adds them), TE's fused cross
+into the fp32 grads in TE's GEMM and the word embedding adding its looked-up rows' gradients there
+(`--wgrad-fusion off`: megatron DDP adds them), TE's fused cross
 entropy, fla kernels, the launcher's MoE fusions (fused router and permutation, the stacked
 experts' grouped GEMM of EXPERT_GEMM=auto), packed THD (or, with --layout row, HF's single BSHD
 row). HF: `Qwen3_5ForConditionalGeneration` (`Qwen3_5MoeForConditionalGeneration` with its
@@ -375,8 +376,8 @@ def main() -> None:
         "--wgrad-fusion",
         choices=("te", "off"),
         default="te",
-        help="the linear layers accumulate weight gradients in TE's GEMM (te, as training "
-        "does) or megatron adds them (off)",
+        help="the linear layers accumulate weight gradients in TE's GEMM and the embedding its "
+        "rows' gradients into the fp32 grads (te, as training does) or megatron adds them (off)",
     )
     parser.add_argument(
         "--token-scaling",
