@@ -505,13 +505,14 @@ def main() -> None:
             f"no bf16 peak listed for {device!r} in data/throughput.py (PEAK_BF16_TFLOPS)"
         )
 
+    # Our output layer projects only these (models/qwen35_vl/model.py); HF projects all.
+    loss_tokens = int(batch["loss_mask"].sum())
     results = {
         "device": device,
         "config": config.name,
         "tokens_per_step": tokens * args.micro_batches,
         "micro_batches": args.micro_batches,
-        # Our output layer projects only these (models/qwen35_vl/model.py); HF projects all.
-        "loss_tokens_per_step": int(batch["loss_mask"].sum()) * args.micro_batches,
+        "loss_tokens_per_step": loss_tokens * args.micro_batches,
         "peak": peak,
         "megatron_gpus": world,
         "megatron_cp": cp,
@@ -547,7 +548,6 @@ def main() -> None:
     )
     # HF attends over the whole row; ours over each packed sample (`pack`) or the same row. The
     # pack's tokens are shared by the CP ranks; under EP each rank trains on a whole pack.
-    loss_tokens = int(batch["loss_mask"].sum())
     results["megatron"] = rates(
         measured, config, lengths, grids, tokens, cp, peak, loss_tokens, args.micro_batches
     )
